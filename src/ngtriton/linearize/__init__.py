@@ -1,0 +1,55 @@
+"""Linearize a model once at its current parameters: ``J v`` and ``Jᵀ u`` without re-running it.
+
+:func:`linearize` picks the implementation: the per-module rule engine (fast, fx-traceable
+models) with torch or Triton primitives, or the whole-model autograd fallback.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .autograd import AutogradLinearization
+from .base import Linearization, check_tangents
+
+BACKENDS = ("auto", "torch", "triton", "autograd")
+
+__all__ = ["BACKENDS", "AutogradLinearization", "Linearization", "check_tangents",
+           "linearize", "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to ``"torch"``, ``"triton"`` or ``"autograd"``; ValueError if unknown."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    from ..kernels import triton_available
+
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend: 'triton' needs the triton package and a CUDA device "
+                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+    return backend
+
+
+def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto") -> Linearization:
+    """Run ``model(*inputs)`` once and return its linearization at the current parameters."""
+    device = next(model.parameters()).device
+    resolved = resolve_backend(backend, device)
+    if resolved == "autograd":
+        return AutogradLinearization(model, inputs)
+    from .engine import EngineUnsupported, build_engine
+
+    if resolved == "triton":
+        from ..kernels import ops
+    else:
+        from . import ops_torch as ops
+    try:
+        return build_engine(model, inputs, ops)
+    except EngineUnsupported as err:
+        warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({err}); "
+                      "falling back to whole-model autograd (correct, slower)", stacklevel=3)
+        return AutogradLinearization(model, inputs)
