@@ -117,8 +117,12 @@ class FisherOperator:
         self._scale = 1.0 / math.sqrt(self.num_examples)
         self._dense_factor: Tensor | None = None
         if fisher == "mc":
-            scores = [self.likelihood.output_grad(outputs, self.likelihood.sample(outputs, generator))
-                      for _ in range(mc_samples)]
+            try:
+                samples = [self.likelihood.sample(outputs, generator) for _ in range(mc_samples)]
+            except NotImplementedError as err:
+                raise ValueError(f"fisher: 'mc' needs labels sampled from the likelihood ({err})"
+                                 ) from None
+            scores = [self.likelihood.output_grad(outputs, y) for y in samples]
             self._dense_factor = torch.stack(scores, dim=-1) / math.sqrt(mc_samples)
         elif fisher == "empirical":
             self._dense_factor = self.likelihood.output_grad(outputs, self.targets).unsqueeze(-1)
@@ -200,12 +204,26 @@ class FisherOperator:
         return self._vjp(self._factor(u) * self._scale)
 
     def factor_matmat(self, V: Tensor) -> Tensor:
-        """``A V`` for ``V`` of shape (P, c)."""
-        return torch.stack([self.factor_matvec(c) for c in V.unbind(1)], dim=1)
+        """``A V`` for ``V`` of shape (P, c): batched when the linearization supports it."""
+        batched = getattr(self.linearization, "jvp_batched", None)
+        if batched is None:
+            return torch.stack([self.factor_matvec(c) for c in V.unbind(1)], dim=1)
+        cols = V.t()
+        tangents = [c.reshape(cols.shape[0], *s) for c, s in
+                    zip(cols.split(self._sizes, dim=1), self._shapes)]
+        out = batched(tangents).reshape(cols.shape[0], *self.outputs.shape)
+        rows = torch.stack([self._factor_t(o) for o in out.unbind(0)])
+        return (rows * self._scale).reshape(cols.shape[0], -1).t()
 
     def factor_rmatmat(self, U: Tensor) -> Tensor:
-        """``Aᵀ U`` for ``U`` of shape (R, c)."""
-        return torch.stack([self.factor_rmatvec(c) for c in U.unbind(1)], dim=1)
+        """``Aᵀ U`` for ``U`` of shape (R, c): batched when the linearization supports it."""
+        batched = getattr(self.linearization, "vjp_batched", None)
+        if batched is None:
+            return torch.stack([self.factor_rmatvec(c) for c in U.unbind(1)], dim=1)
+        cols = U.t().reshape(U.shape[1], self.num_examples, self.factor_dim)
+        w = torch.stack([self._factor(c) for c in cols.unbind(0)]) * self._scale
+        grads = batched(w.reshape(U.shape[1], *self._out_shape))
+        return torch.cat([g.reshape(U.shape[1], -1) for g in grads], dim=1).t()
 
     # --- the public product API ----------------------------------------------------------------
     def matvec(self, v: Vector) -> Vector:

@@ -56,3 +56,20 @@ class AutogradLinearization:
         grads = torch.autograd.grad(self._out, self.params, cotangent, retain_graph=True,
                                     allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def jvp_batched(self, tangents: Sequence[Tensor]) -> Tensor:
+        """``J v`` for a batch of c tangents (each parameter's with a leading dim c)."""
+        c = tangents[0].shape[0]
+        if not self._grads:
+            return self.outputs.new_zeros((c, *self.outputs.shape))
+        (out,) = torch.autograd.grad(self._grads, self._dummy,
+                                     [tangents[i] for i in self._linked], retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)
+        return self.outputs.new_zeros((c, *self.outputs.shape)) if out is None else out
+
+    def vjp_batched(self, cotangents: Tensor) -> list[Tensor]:
+        """``Jᵀ u`` for a batch of c cotangents ``(c, *outputs.shape)``."""
+        grads = torch.autograd.grad(self._out, self.params, cotangents, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        c = cotangents.shape[0]
+        return [p.new_zeros((c, *p.shape)) if g is None else g for p, g in zip(self.params, grads)]

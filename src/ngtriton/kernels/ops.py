@@ -1,0 +1,119 @@
+"""Triton backend of the linearization primitives: drop-in for :mod:`ngtriton.linearize.ops_torch`.
+
+Same functions, same signatures, same results (to floating-point tolerance). Each call goes to the
+Triton kernels when its inputs allow it:
+
+- triton importable and runnable (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
+- all tensors on one device with one dtype among float32 / float16 / bfloat16 (no bfloat16 in the
+  interpreter);
+- 2-D activations (1-D parameter vectors); LayerNorm rows with unit feature stride and at most
+  ``MAX_BLOCK_D`` features; fewer than 2³¹ elements per tensor (32-bit offsets in the kernels);
+
+and to the torch reference otherwise. float64 deliberately stays on torch: Triton's fp64
+``tl.dot`` runs on the FMA path, no faster than cuBLAS DGEMM, and float64 is the precision of the
+reference checks, where the reference implementation itself is what we want. The kernel modules
+are imported on first use, so importing this module needs no triton.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linearize import ops_torch as _ref
+from ._config import can_launch
+
+__all__ = ["layernorm_jvp", "layernorm_vjp", "linear_jvp", "linear_vjp"]
+
+_MAX_NUMEL = 2**31 - 1
+_MAX_BLOCK_D = 16384  # == layernorm.MAX_BLOCK_D (kept here so dispatch needs no triton import)
+
+
+def _small(*ts: Tensor | None) -> bool:
+    return all(t is None or t.numel() <= _MAX_NUMEL for t in ts)
+
+
+def _dims(ts: tuple[Tensor | None, ...], ndims: tuple[int, ...]) -> bool:
+    return all(t is None or t.dim() == d for t, d in zip(ts, ndims))
+
+
+def _unit_rows(*ts: Tensor | None) -> bool:
+    return all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in ts)
+
+
+def _shape(t: Tensor | None, shape: tuple[int, ...]) -> bool:
+    return t is None or tuple(t.shape) == shape
+
+
+def _linear_shapes(x: Tensor, weight: Tensor, *rest: Tensor | None) -> bool:
+    (M, K), (N, K2) = x.shape, weight.shape
+    x_dot, weight_dot, bias_dot, *outs = rest
+    return (K == K2 and _shape(x_dot, (M, K)) and _shape(weight_dot, (N, K))
+            and _shape(bias_dot, (N,)) and all(_shape(t, (M, N)) for t in outs))
+
+
+def _ln_shapes(xhat: Tensor, rows: tuple[Tensor | None, ...], vecs: tuple[Tensor | None, ...]
+               ) -> bool:
+    D = xhat.shape[-1]
+    return (all(_shape(t, tuple(xhat.shape)) for t in rows)
+            and all(_shape(t, (D,)) for t in vecs))
+
+
+def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
+               bias_dot: Tensor | None, dact: Tensor | None) -> Tensor:
+    """Tangent of ``σ(x Wᵀ + b)``: ``σ′ ⊙ (ẋ Wᵀ + x Ẇᵀ + ḃ)`` (one fused kernel)."""
+    ts = (x, x_dot, weight, weight_dot, bias_dot, dact)
+    if (_dims(ts, (2, 2, 2, 2, 1, 2)) and _small(*ts) and can_launch(*ts)
+            and _linear_shapes(x, weight, x_dot, weight_dot, bias_dot, dact)):
+        from . import linear
+
+        return linear.linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)
+    return _ref.linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)
+
+
+def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
+               need_input: bool, need_weight: bool, need_bias: bool
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Cotangents of ``σ(x Wᵀ + b)`` for input, weight and bias from the output cotangent."""
+    ts = (x, weight, grad_out, dact)
+    if (_dims(ts, (2, 2, 2, 2)) and _small(*ts) and can_launch(*ts)
+            and _linear_shapes(x, weight, None, None, None, dact, grad_out)):
+        from . import linear
+
+        return linear.linear_vjp(x, weight, grad_out, dact, need_input, need_weight, need_bias)
+    return _ref.linear_vjp(x, weight, grad_out, dact, need_input, need_weight, need_bias)
+
+
+def _rstd_ok(rstd: Tensor, xhat: Tensor) -> bool:
+    rows = xhat.shape[0] if xhat.dim() == 2 else -1
+    if rstd.dim() not in (1, 2) or rstd.shape[0] != rows or rstd.numel() != rows:
+        return False
+    return rstd.dtype in (torch.float32, xhat.dtype) and can_launch(rstd)
+
+
+def layernorm_jvp(xhat: Tensor, rstd: Tensor, x_dot: Tensor | None, weight: Tensor | None,
+                  weight_dot: Tensor | None, bias_dot: Tensor | None) -> Tensor:
+    """Tangent of LayerNorm over the last dimension (row-wise kernel)."""
+    ts = (xhat, x_dot, weight, weight_dot, bias_dot)
+    if (_dims(ts, (2, 2, 1, 1, 1)) and xhat.shape[-1] <= _MAX_BLOCK_D and _small(*ts)
+            and _unit_rows(xhat, x_dot) and can_launch(*ts) and _rstd_ok(rstd, xhat)
+            and _ln_shapes(xhat, (x_dot,), (weight, weight_dot, bias_dot))):
+        from . import layernorm
+
+        return layernorm.layernorm_jvp(xhat, rstd, x_dot, weight, weight_dot, bias_dot)
+    return _ref.layernorm_jvp(xhat, rstd, x_dot, weight, weight_dot, bias_dot)
+
+
+def layernorm_vjp(xhat: Tensor, rstd: Tensor, grad_out: Tensor, weight: Tensor | None,
+                  need_input: bool, need_weight: bool, need_bias: bool
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Cotangents of LayerNorm for input, weight and bias (row-wise kernel, deterministic sums)."""
+    ts = (xhat, grad_out, weight)
+    if (_dims(ts, (2, 2, 1)) and xhat.shape[-1] <= _MAX_BLOCK_D and _small(*ts)
+            and _unit_rows(xhat, grad_out) and can_launch(*ts) and _rstd_ok(rstd, xhat)
+            and _ln_shapes(xhat, (grad_out,), (weight,))):
+        from . import layernorm
+
+        return layernorm.layernorm_vjp(xhat, rstd, grad_out, weight, need_input, need_weight,
+                                       need_bias)
+    return _ref.layernorm_vjp(xhat, rstd, grad_out, weight, need_input, need_weight, need_bias)

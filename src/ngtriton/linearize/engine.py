@@ -1,0 +1,767 @@
+"""The per-module linearization engine: an fx-traced graph, one forward, per-node rules.
+
+:func:`build_engine` traces the model with :mod:`torch.fx`, runs ONE forward pass at the current
+parameters (no autograd graph, except inside per-node fallbacks) and keeps, per node, only what
+that node's JVP and VJP need (see :mod:`ngtriton.linearize.rules`). Products then walk the node
+list forwards (``jvp``) or backwards (``vjp``) without running the model again.
+
+What the engine differentiates:
+
+* the trainable parameters ``[p for p in model.parameters() if p.requires_grad]``; a parameter
+  used by several modules (tied weights) gets one tangent and the sum of its cotangents; frozen
+  parameters and buffers are constants;
+* the deterministic network: every dropout (module or ``F.dropout``, any mode) is the identity,
+  in the forward and in both products, so the Fisher is the one of the network without dropout.
+  (A dropout hidden inside a module without a rule runs as that module runs it, once.)
+
+Which modules are traced through and which are nodes: modules with a rule (Linear, LayerNorm,
+Embedding, activations, dropout, Flatten/Unflatten, Identity) and torch.nn's other built-in layers
+are nodes; containers (Sequential, ModuleList, ModuleDict) and user modules with submodules are
+traced through; user modules without submodules are nodes (opaque: per-node autograd fallback).
+Forward hooks of modules handled by rules do not fire (the rules call functions, not modules).
+The cache holds references to the parameters; updating them in place invalidates it (products
+then raise); build a new linearization after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import inspect
+import math
+import operator
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.node import Node, map_arg
+
+from . import ops_torch
+from .base import check_tangents
+from .rules import (
+    Activation,
+    AddStep,
+    AutogradStep,
+    ElementwiseStep,
+    EmbeddingStep,
+    IdentityStep,
+    LayerNormStep,
+    LinearStep,
+    ProductStep,
+    ReshapeStep,
+    ScaleStep,
+    Step,
+    TupleItemStep,
+    build_linear_fn,
+)
+
+__all__ = ["EngineLinearization", "EngineUnsupported", "build_engine"]
+
+
+class EngineUnsupported(Exception):
+    """The engine cannot linearize this model; ``reason`` says why (the caller falls back)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# What has a rule
+# --------------------------------------------------------------------------------------------
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout)
+_DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                  F.feature_alpha_dropout}
+_ACT_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACT_FUNCS: dict[Any, str] = {
+    torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
+    torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid",
+    torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu_: "relu",
+    F.silu: "silu",
+}
+_ACT_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu"}
+
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCS = {operator.sub, operator.isub, torch.sub, torch.subtract}
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul, torch.multiply}
+_DIV_FUNCS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide}
+_NEG_FUNCS = {operator.neg, torch.neg, torch.negative}
+_ARITH_METHODS = {"add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul",
+                  "div": "div", "true_divide": "div", "divide": "div", "neg": "neg",
+                  "negative": "neg"}
+
+_RESHAPE_FUNCS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
+                  torch.ravel}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                    "reshape_as", "contiguous", "ravel"}
+# linear in their (float) tensor arguments; other arguments are structural (dims, sizes, ...)
+_LINEAR_FUNCS = {torch.permute, torch.transpose, torch.t, torch.movedim, torch.moveaxis,
+                 torch.swapaxes, torch.swapdims, torch.narrow, torch.select, torch.split,
+                 torch.chunk, torch.unbind, torch.cat, torch.concat, torch.concatenate,
+                 torch.stack, torch.hstack, torch.vstack, torch.sum, torch.mean, torch.clone,
+                 torch.flip, torch.roll, torch.tile, torch.diagonal, torch.tril, torch.triu,
+                 operator.getitem, builtins.getattr}
+_LINEAR_METHODS = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
+                   "narrow", "select", "split", "chunk", "unbind", "sum", "mean", "clone", "flip",
+                   "roll", "tile", "repeat", "expand", "expand_as", "diagonal", "tril", "triu",
+                   "__getitem__", "to", "float", "double", "type_as"}
+
+
+def _same_forward(m: nn.Module, cls: type) -> bool:
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+def _module_activation(m: nn.Module) -> Activation | None:
+    name = _ACT_MODULES.get(type(m))
+    if name is not None:
+        return Activation(name)
+    if type(m) is nn.GELU:
+        return Activation("gelu_tanh" if m.approximate == "tanh" else "gelu")
+    if type(m) is nn.LeakyReLU:
+        return Activation("leaky_relu", float(m.negative_slope))
+    return None
+
+
+def _embedding_ok(m: nn.Module) -> bool:
+    return (_same_forward(m, nn.Embedding) and m.max_norm is None
+            and not m.scale_grad_by_freq)
+
+
+def _has_module_rule(m: nn.Module) -> bool:
+    return (_same_forward(m, nn.Linear) or _same_forward(m, nn.LayerNorm) or _embedding_ok(m)
+            or _module_activation(m) is not None or type(m) in _DROPOUT_MODULES
+            or type(m) in (nn.Identity, nn.Flatten, nn.Unflatten))
+
+
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _method_name(node: Node) -> str:
+    """A call_method's name with an in-place trailing underscore removed (``add_`` → ``add``)."""
+    name = str(node.target)
+    if name.endswith("_") and not name.endswith("__"):
+        return name[:-1]
+    return name
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        if _has_module_rule(m) or super().is_leaf_module(m, module_qualified_name):
+            return True
+        return next(m.children(), None) is None  # user layer without submodules: opaque node
+
+
+def _trace(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
+    sig_params: list[inspect.Parameter] = []
+    with contextlib.suppress(TypeError, ValueError):
+        sig_params = list(inspect.signature(model.forward).parameters.values())
+    concrete: dict[str, Any] = {}
+    positional = [p for p in sig_params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if sig_params and len(positional) == len(sig_params):
+        if len(inputs) > len(positional):
+            raise EngineUnsupported(f"{type(model).__name__}.forward takes {len(positional)} "
+                                    f"inputs, got {len(inputs)}")
+        for i, p in enumerate(positional):
+            if i < len(inputs):
+                if not isinstance(inputs[i], Tensor):
+                    concrete[p.name] = inputs[i]  # specialise non-tensor inputs (None, ints)
+            elif p.default is not p.empty:
+                concrete[p.name] = p.default
+    try:
+        return _Tracer().trace(model, concrete_args=concrete or None)
+    except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
+        msg = str(err).strip().splitlines()
+        first = msg[0] if msg else ""
+        raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
+                                f"({type(err).__name__}: {first})") from err
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+# --------------------------------------------------------------------------------------------
+# The linearization
+# --------------------------------------------------------------------------------------------
+
+class EngineLinearization:
+    """A model linearized by per-node rules (see the module docstring).
+
+    ``params``, ``outputs``, ``jvp`` and ``vjp`` follow :class:`~ngtriton.linearize.Linearization`.
+    ``steps`` lists the rules in execution order; ``fallbacks`` names the nodes that use the
+    per-node autograd fallback (no dedicated rule).
+    """
+
+    def __init__(self, params: list[Tensor], outputs: Tensor, steps: list[Step],
+                 n_slots: int, out_slot: int | None, fallbacks: list[str]) -> None:
+        self.params = params
+        self.outputs = outputs
+        self.steps = steps
+        self.fallbacks = fallbacks
+        self._n_slots = n_slots
+        self._out_slot = out_slot
+        self._versions = tuple(p._version for p in params)
+        last: dict[int, int] = {}
+        for i, step in enumerate(steps):
+            for s in step.in_slots:
+                last[s] = i
+        frees: list[list[int]] = [[] for _ in steps]
+        for s, i in last.items():
+            if s != out_slot:
+                frees[i].append(s)
+        self._plan = [(step, step.in_slots, step.out_slot, tuple(f))
+                      for step, f in zip(steps, frees)]
+
+    def _check_fresh(self) -> None:
+        if tuple(p._version for p in self.params) != self._versions:
+            raise RuntimeError("EngineLinearization: parameters were modified in place after "
+                               "the linearization was built; build a new one")
+
+    def jvp(self, tangents: Sequence[Tensor]) -> Tensor:
+        """``J v``: one tangent per parameter → a tensor shaped like :attr:`outputs`."""
+        check_tangents(self.params, tangents)
+        self._check_fresh()
+        if self._out_slot is None:
+            return torch.zeros_like(self.outputs)
+        vals: list[Any] = [None] * self._n_slots
+        vals[:len(tangents)] = tangents
+        for step, ins, out, free in self._plan:
+            vals[out] = step.jvp([vals[s] for s in ins])
+            for s in free:
+                vals[s] = None
+        res = vals[self._out_slot]
+        if not res.is_contiguous():
+            res = res.contiguous()
+        elif self._out_slot < len(self.params):  # the output is a parameter: do not alias
+            res = res.clone()
+        return res
+
+    def vjp(self, cotangent: Tensor) -> list[Tensor]:
+        """``Jᵀ u``: a cotangent shaped like :attr:`outputs` → one tensor per parameter."""
+        if not isinstance(cotangent, Tensor) or cotangent.shape != self.outputs.shape:
+            shape = (tuple(cotangent.shape) if isinstance(cotangent, Tensor)
+                     else type(cotangent).__name__)
+            raise ValueError(f"cotangent: expected shape {tuple(self.outputs.shape)}, "
+                             f"got {shape}")
+        self._check_fresh()
+        if self._out_slot is None:
+            return [torch.zeros_like(p) for p in self.params]
+        cots: list[Any] = [None] * self._n_slots
+        owned = [False] * self._n_slots
+        cots[self._out_slot] = cotangent
+        for step, ins, out, _ in reversed(self._plan):
+            g = cots[out]
+            if g is None:
+                continue
+            cots[out] = None
+            for s, c in zip(ins, step.vjp(g)):
+                if c is not None:
+                    _accumulate(cots, owned, s, c)
+        grads = []
+        for i, p in enumerate(self.params):
+            g = cots[i]
+            if g is None:
+                g = torch.zeros_like(p)
+            elif not owned[i] and (g is cotangent or not g.is_contiguous()):
+                g = g.contiguous() if not g.is_contiguous() else g.clone()
+            grads.append(g)
+        return grads
+
+
+def _accumulate(cots: list[Any], owned: list[bool], s: int, c: Any) -> None:
+    old = cots[s]
+    if old is None:
+        cots[s] = c
+    elif isinstance(old, tuple):
+        cots[s] = tuple(b if a is None else a if b is None else a + b for a, b in zip(old, c))
+    elif owned[s]:
+        old.add_(c)
+    else:
+        cots[s] = old + c
+        owned[s] = True
+
+
+# --------------------------------------------------------------------------------------------
+# Building: trace, one forward, rules
+# --------------------------------------------------------------------------------------------
+
+def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
+                 ops: ModuleType = ops_torch) -> EngineLinearization:
+    """Trace ``model``, run ``model(*inputs)`` once and return its rule-based linearization.
+
+    ``ops`` provides ``linear_jvp``, ``linear_vjp``, ``layernorm_jvp`` and ``layernorm_vjp``
+    (:mod:`ngtriton.linearize.ops_torch` or :mod:`ngtriton.kernels.ops`). Raises
+    :class:`EngineUnsupported` with a reason when the model cannot be traced or a node cannot
+    be linearized.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    inputs = tuple(inputs)
+    graph = _trace(model, inputs)
+    return _Builder(model, graph, inputs, ops).build()
+
+
+class _Builder:
+    def __init__(self, root: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...],
+                 ops: ModuleType) -> None:
+        self.root, self.graph, self.inputs, self.ops = root, graph, inputs, ops
+        self.params = [p for p in root.parameters() if p.requires_grad]
+        self.pslot = {id(p): i for i, p in enumerate(self.params)}
+        self.n_slots = len(self.params)
+        self.values: dict[Node, Any] = {}
+        self.slots: dict[Node, int] = {}
+        self.steps: list[Step] = []
+        self.fallbacks: list[str] = []
+
+    # -- small helpers ------------------------------------------------------------------------
+    def _val(self, a: Any) -> Any:
+        return map_arg(a, lambda n: self.values[n])
+
+    def _slot(self, a: Any) -> int | None:
+        return self.slots.get(a) if isinstance(a, Node) else None
+
+    def _param(self, p: Tensor | None) -> tuple[Tensor | None, int | None]:
+        if p is None:
+            return None, None
+        return p.detach(), self.pslot.get(id(p))
+
+    def _src(self, a: Any) -> tuple[Any, int | None]:
+        return self._val(a), self._slot(a)
+
+    def _add(self, node: Node, step: Step, value: Any) -> None:
+        step.out_slot = self.n_slots
+        step.label = node.name
+        self.n_slots += 1
+        self.slots[node] = step.out_slot
+        self.steps.append(step)
+        self.values[node] = value
+
+    def _runner(self, node: Node, out_of_place: bool = False) -> Callable[[tuple, dict], Any]:
+        """``run(args, kwargs)`` executes the node (in-place methods out of place if asked)."""
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            return lambda a, k: mod(*a, **k)
+        if node.op == "call_method":
+            name = _method_name(node) if out_of_place else str(node.target)
+            return lambda a, k: getattr(a[0], name)(*a[1:], **k)
+        target = node.target
+        return lambda a, k: target(*a, **k)
+
+    @staticmethod
+    def _closure(node: Node, run: Callable[..., Any], active: list[Node],
+                 consts: dict[Node, Any], with_rest: bool = False) -> Callable[..., Any]:
+        """``fn(*active_values, *rest)``: the node with its active inputs replaced."""
+        n_act = len(active)
+
+        def fn(*ts: Any) -> Any:
+            sub = dict(zip(active, ts[:n_act]))
+
+            def look(n: Node) -> Any:
+                return sub[n] if n in sub else consts[n]
+
+            a, k = map_arg(node.args, look), map_arg(node.kwargs, look)
+            return run(a, k, ts[n_act:]) if with_rest else run(a, k)
+
+        return fn
+
+    # -- the pass -----------------------------------------------------------------------------
+    def build(self) -> EngineLinearization:
+        nodes = list(self.graph.nodes)
+        out_node = next(n for n in nodes if n.op == "output")
+        live: set[Node] = set()
+        stack = [out_node]
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(n.all_input_nodes)
+        self.fused: dict[Node, Node] = {}  # activation node -> linear node fused into it
+        skip: set[Node] = set()
+        for n in nodes:
+            act = self._activation(n)
+            src = n.args[0] if n.args else None
+            if (act is not None and n in live and isinstance(src, Node)
+                    and self._is_linear(src) and len(src.users) == 1):
+                self.fused[n] = src
+                skip.add(src)
+
+        n_placeholder = 0
+        with torch.no_grad():
+            for node in nodes:
+                if node.op == "placeholder":
+                    if n_placeholder < len(self.inputs):
+                        self.values[node] = self.inputs[n_placeholder]
+                    elif node.args:
+                        self.values[node] = node.args[0]
+                    else:
+                        raise EngineUnsupported(f"input {node.target!r} was not given")
+                    n_placeholder += 1
+                elif node.op == "get_attr":
+                    obj = _fetch_attr(self.root, str(node.target))
+                    if isinstance(obj, Tensor):
+                        slot = self.pslot.get(id(obj))
+                        if slot is not None:
+                            self.slots[node] = slot
+                        obj = obj.detach()
+                    self.values[node] = obj
+                elif node.op == "output":
+                    break
+                elif node in skip:
+                    continue
+                else:
+                    try:
+                        self._node(node, node in live)
+                    except EngineUnsupported:
+                        raise
+                    except Exception as err:
+                        raise EngineUnsupported(
+                            f"node {node.name!r} ({node.op} {_target_name(node)}) failed: "
+                            f"{type(err).__name__}: {err}") from err
+
+        out_arg = out_node.args[0]
+        out_val = self._val(out_arg)
+        if not isinstance(out_val, Tensor):
+            raise EngineUnsupported(f"the model returns {type(out_val).__name__}; the engine "
+                                    "linearizes models that return one Tensor")
+        out_slot = self._slot(out_arg)
+        outputs = out_val.detach()
+        self.values.clear()
+        return EngineLinearization(self.params, outputs, self.steps, self.n_slots, out_slot,
+                                   self.fallbacks)
+
+    # -- classification -------------------------------------------------------------------------
+    def _activation(self, node: Node) -> Activation | None:
+        if node.op == "call_module":
+            return _module_activation(self.root.get_submodule(str(node.target)))
+        if node.op == "call_method":
+            name = _ACT_METHODS.get(_method_name(node))
+            return Activation(name) if name else None
+        if node.op != "call_function":
+            return None
+        t = node.target
+        if t is F.gelu:
+            approx = _arg(node, 1, "approximate", "none")
+            return Activation("gelu_tanh" if approx == "tanh" else "gelu")
+        if t is F.leaky_relu or t is F.leaky_relu_:
+            return Activation("leaky_relu", float(_arg(node, 1, "negative_slope", 0.01)))
+        try:
+            name = _ACT_FUNCS.get(t)  # type: ignore[arg-type]
+        except TypeError:  # unhashable target
+            return None
+        return Activation(name) if name else None
+
+    def _is_linear(self, node: Node) -> bool:
+        if node.op == "call_module":
+            return _same_forward(self.root.get_submodule(str(node.target)), nn.Linear)
+        return node.op == "call_function" and node.target is F.linear
+
+    # -- one node -----------------------------------------------------------------------------
+    def _node(self, node: Node, live: bool) -> None:
+        mod = self.root.get_submodule(str(node.target)) if node.op == "call_module" else None
+        active_in = [n for n in node.all_input_nodes if n in self.slots]
+        mod_params = ([p for p in mod.parameters() if p.requires_grad] if mod is not None
+                      else [])
+        if node in self.fused:
+            self._linear(self.fused[node], self._activation(node))
+            self.values[node] = self.values.pop(self.fused[node])
+            if self.fused[node] in self.slots:
+                self.slots[node] = self.slots.pop(self.fused[node])
+                self.steps[-1].label = node.name
+            return
+        if not live or not (active_in or mod_params):
+            self.values[node] = self._inactive(node, mod)
+            return
+        if mod is not None:
+            self._module_node(node, mod, mod_params)
+        else:
+            self._function_node(node, active_in)
+
+    def _is_dropout(self, node: Node, mod: nn.Module | None) -> bool:
+        if mod is not None:
+            return type(mod) in _DROPOUT_MODULES
+        return node.op == "call_function" and node.target in _DROPOUT_FUNCS
+
+    def _inactive(self, node: Node, mod: nn.Module | None) -> Any:
+        args, kwargs = self._val(node.args), self._val(node.kwargs)
+        if self._is_dropout(node, mod):
+            return args[0] if args else kwargs["input"]
+        return self._runner(node)(args, kwargs)
+
+    def _module_node(self, node: Node, mod: nn.Module, mod_params: list[Tensor]) -> None:
+        x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        x, x_slot = self._src(x_arg)
+        simple = len(node.args) + len(node.kwargs) == 1
+        if simple and _same_forward(mod, nn.Linear):
+            self._linear(node, None)
+            return
+        act = _module_activation(mod)
+        if simple and act is not None and x_slot is not None:
+            value, dact = act.forward(x, owned=False)
+            self._add(node, ElementwiseStep(x_slot, dact), value)
+            return
+        if simple and _same_forward(mod, nn.LayerNorm):
+            w, w_slot = self._param(mod.weight)
+            b, b_slot = self._param(mod.bias)
+            self._layernorm(node, x, x_slot, tuple(mod.normalized_shape), w, w_slot, b, b_slot,
+                            mod.eps)
+            return
+        if simple and _embedding_ok(mod):
+            w, w_slot = self._param(mod.weight)
+            value = F.embedding(x, w, mod.padding_idx)
+            if w_slot is None:
+                self.values[node] = value
+                return
+            self._add(node, EmbeddingStep(x, w_slot, mod.num_embeddings, mod.embedding_dim,
+                                          mod.padding_idx), value)
+            return
+        if simple and x_slot is not None and (type(mod) in _DROPOUT_MODULES
+                                              or type(mod) is nn.Identity):
+            self._add(node, IdentityStep(x_slot), x)
+            return
+        if simple and x_slot is not None and type(mod) in (nn.Flatten, nn.Unflatten):
+            value = mod(x)
+            self._add(node, ReshapeStep(x_slot, x.shape, value.shape), value)
+            return
+        self._opaque_module(node, mod)
+
+    def _opaque_module(self, node: Node, mod: nn.Module) -> None:
+        active = [n for n in node.all_input_nodes if n in self.slots]
+        named = [(n, p) for n, p in mod.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        consts = {n: self.values[n] for n in node.all_input_nodes}
+        clone_inputs = bool(getattr(mod, "inplace", False))
+
+        def run(a: tuple, k: dict, ps: tuple) -> Any:
+            if clone_inputs:
+                a = tuple(t.clone() if isinstance(t, Tensor) else t for t in a)
+            return torch.func.functional_call(mod, dict(zip(names, ps)), a, k)
+
+        fn = self._closure(node, run, active, consts, with_rest=True)
+        primals = [self.values[n] for n in active] + [p.detach() for _, p in named]
+        slots = [self.slots[n] for n in active] + [self.pslot[id(p)] for _, p in named]
+        self._autograd(node, fn, primals, slots)
+
+    def _autograd(self, node: Node, fn: Callable[..., Any], primals: list[Tensor],
+                  slots: list[int]) -> None:
+        step = AutogradStep(slots, fn, primals)
+        if not step.active:
+            self.values[node] = step.value
+            return
+        self._add(node, step, step.value)
+        self.fallbacks.append(f"{node.name} ({_target_name(node)})")
+
+    def _linear(self, node: Node, act: Activation | None) -> None:
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            x, x_slot = self._src(node.args[0] if node.args else node.kwargs["input"])
+            w, w_slot = self._param(mod.weight)
+            b, b_slot = self._param(mod.bias)
+        else:
+            x, x_slot = self._src(_arg(node, 0, "input"))
+            w, w_slot = self._src(_arg(node, 1, "weight"))
+            b, b_slot = self._src(_arg(node, 2, "bias"))
+        x_shape = x.shape
+        x2 = x.reshape(-1, w.shape[1])
+        s = F.linear(x2, w, b)
+        dact = None
+        if act is not None:
+            s, dact = act.forward(s, owned=True)
+        value = s.view(*x_shape[:-1], w.shape[0])
+        if x_slot is None and w_slot is None and b_slot is None:
+            self.values[node] = value
+            return
+        step = LinearStep(self.ops, x2, w, dact, x_slot, w_slot, b_slot, x_shape, value.shape)
+        self._add(node, step, value)
+
+    def _layernorm(self, node: Node, x: Tensor, x_slot: int | None, shape: tuple[int, ...],
+                   w: Tensor | None, w_slot: int | None, b: Tensor | None, b_slot: int | None,
+                   eps: float) -> None:
+        k = len(shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(shape):
+            raise EngineUnsupported(f"node {node.name!r}: LayerNorm shape {shape} does not "
+                                    f"match input {tuple(x.shape)}")
+        d = math.prod(shape)
+        x2 = x.reshape(-1, d)
+        wf = None if w is None else w.reshape(d)
+        bf = None if b is None else b.reshape(d)
+        y, mean, rstd = torch.native_layer_norm(x2, [d], wf, bf, eps)
+        value = y.view(x.shape)
+        if x_slot is None and w_slot is None and b_slot is None:
+            self.values[node] = value
+            return
+        xhat = (x2 - mean).mul_(rstd)
+        step = LayerNormStep(self.ops, xhat, rstd, wf, x_slot, w_slot, b_slot, x.shape,
+                             torch.Size(shape))
+        self._add(node, step, value)
+
+    def _function_node(self, node: Node, active: list[Node]) -> None:
+        op, t = node.op, node.target
+        name = _method_name(node) if op == "call_method" else None
+        if op == "call_function" and t is F.linear:
+            self._linear(node, None)
+            return
+        act = self._activation(node)
+        if act is not None:
+            x, x_slot = self._src(node.args[0])
+            if x_slot is not None:
+                value, dact = act.forward(x, owned=False)
+                self._add(node, ElementwiseStep(x_slot, dact), value)
+                return
+        if op == "call_function" and t is F.layer_norm:
+            x, x_slot = self._src(_arg(node, 0, "input"))
+            shape = tuple(self._val(_arg(node, 1, "normalized_shape")))
+            w, w_slot = self._src(_arg(node, 2, "weight"))
+            b, b_slot = self._src(_arg(node, 3, "bias"))
+            self._layernorm(node, x, x_slot, shape, w, w_slot, b, b_slot,
+                            float(_arg(node, 4, "eps", 1e-5)))
+            return
+        if op == "call_function" and t in _DROPOUT_FUNCS:
+            x, x_slot = self._src(_arg(node, 0, "input"))
+            if x_slot is not None:
+                self._add(node, IdentityStep(x_slot), x)
+                return
+        kind = self._arith_kind(node, name)
+        if kind is not None and self._arith(node, kind):
+            return
+        if (op == "call_function" and t is operator.getitem
+                and isinstance(self.values.get(node.args[0]), (tuple, list))):
+            seq, slot = self._src(node.args[0])
+            idx = node.args[1]
+            if slot is not None and isinstance(idx, int):
+                value = seq[idx]
+                if _is_float(value):
+                    self._add(node, TupleItemStep(slot, idx, len(seq)), value)
+                else:
+                    self.values[node] = value
+                return
+        run = self._runner(node, out_of_place=True)
+        consts = {n: self.values[n] for n in node.all_input_nodes}
+        reshape = ((op == "call_function" and t in _RESHAPE_FUNCS)
+                   or (name is not None and name in _RESHAPE_METHODS))
+        linear = ((op == "call_function" and t in _LINEAR_FUNCS)
+                  or (name is not None and name in _LINEAR_METHODS))
+        if reshape and len(active) == 1:
+            x = self.values[active[0]]
+            value = run(self._val(node.args), self._val(node.kwargs))
+            if not _is_float(value):
+                self.values[node] = value
+                return
+            if value.numel() == x.numel() and value.dtype == x.dtype:
+                self._add(node, ReshapeStep(self.slots[active[0]], x.shape, value.shape), value)
+                return
+            linear = True
+        elif reshape:
+            linear = True
+        if linear:
+            fn = self._closure(node, run, active, consts)
+            zeros = {n: (torch.zeros_like(v) if _is_float(v) else v) for n, v in consts.items()}
+            tangent_fn = self._closure(node, run, active, zeros)
+            primals = [self.values[n] for n in active]
+            if all(isinstance(p, Tensor) for p in primals):
+                value, step = build_linear_fn(fn, tangent_fn, primals,
+                                              [self.slots[n] for n in active])
+                if step is None:
+                    self.values[node] = value
+                else:
+                    self._add(node, step, value)
+                return
+        if any(not isinstance(self.values[n], Tensor) for n in active):
+            raise EngineUnsupported(f"node {node.name!r} ({op} {_target_name(node)}): an "
+                                    "input is a tuple of active values; no rule for that")
+        if node.kwargs.get("inplace"):
+            run_inplace = run
+            run = lambda a, k: run_inplace(a, {**k, "inplace": False})  # noqa: E731
+        fn = self._closure(node, run, active, consts)
+        self._autograd(node, fn, [self.values[n] for n in active],
+                       [self.slots[n] for n in active])
+
+    # -- arithmetic -----------------------------------------------------------------------------
+    def _arith_kind(self, node: Node, name: str | None) -> str | None:
+        if name is not None:
+            return _ARITH_METHODS.get(name)
+        if node.op != "call_function":
+            return None
+        t = node.target
+        try:
+            if t in _ADD_FUNCS:
+                return "add"
+            if t in _SUB_FUNCS:
+                return "sub"
+            if t in _MUL_FUNCS:
+                return "mul"
+            if t in _DIV_FUNCS:
+                return "div"
+            if t in _NEG_FUNCS:
+                return "neg"
+        except TypeError:
+            return None
+        return None
+
+    def _arith(self, node: Node, kind: str) -> bool:
+        """Build add/sub/mul/div/neg; False when the pattern needs the generic fallback."""
+        a_arg = _arg(node, 0, "input")
+        a, a_slot = self._src(a_arg)
+        run = self._runner(node, out_of_place=True)
+        if kind == "neg":
+            out = run(self._val(node.args), self._val(node.kwargs))
+            self._add(node, ScaleStep(a_slot, -1.0, False, a.shape, out.shape), out)
+            return True
+        b_arg = _arg(node, 1, "other")
+        b, b_slot = self._src(b_arg)
+        extra = set(node.kwargs) - {"input", "other", "alpha"}
+        if extra or not all(isinstance(v, (Tensor, int, float)) for v in (a, b)):
+            return False
+        if kind == "div" and (b_slot is not None or _arg(node, 2, "rounding_mode") is not None):
+            return False
+        alpha = node.kwargs.get("alpha", 1)
+        if isinstance(alpha, Node) or (len(node.args) > 2 and kind in ("add", "sub")):
+            return False
+        out = run(self._val(node.args), self._val(node.kwargs))
+        if not _is_float(out):
+            return False
+        if kind in ("add", "sub"):
+            coef_b = float(alpha) * (-1.0 if kind == "sub" else 1.0)
+            slots, coefs, shapes = [], [], []
+            for v, s, c in ((a, a_slot, 1.0), (b, b_slot, coef_b)):
+                if s is not None:
+                    slots.append(s)
+                    coefs.append(c)
+                    shapes.append(v.shape)
+            self._add(node, AddStep(slots, coefs, shapes, out.shape), out)
+            return True
+        if a_slot is not None and b_slot is not None:
+            self._add(node, ProductStep(a_slot, b_slot, a, b), out)
+            return True
+        if a_slot is None:
+            a, b, a_slot = b, a, b_slot
+        if not isinstance(a, Tensor):
+            return False
+        self._add(node, ScaleStep(a_slot, b, kind == "div", a.shape, out.shape), out)
+        return True
+
+
+def _target_name(node: Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)

@@ -1,0 +1,513 @@
+"""NGD: a natural-gradient ``torch.optim.Optimizer`` in the style of Hessian-free optimisation.
+
+One step solves ``(F + λI) n = g`` matrix-free (F: the Fisher of the model on the batch the
+closure ran, g: the parameters' ``.grad``) and moves ``θ ← θ − lr·n``. Around that core sit the
+practical pieces of Martens (2010) and Martens & Sutskever (2012): Levenberg–Marquardt damping
+adapted from the reduction ratio ρ, rejection of steps that raise the loss, an optional warm start
+of the solver, an optional curvature subsample, caps on the solver's iterations, weight decay, and
+a guard that keeps non-finite numbers away from the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fisher import FISHER_TYPES, FisherOperator
+from .likelihoods import Likelihood, get_likelihood
+from .linearize import BACKENDS
+from .solvers import METHODS, solve
+
+# Defaults tuned on the digits MLP 64-128-128-10 (tanh, batch 256, 2-core CPU), see
+# benchmarks/bench_optim.py: a handful of CG iterations on a moderately damped Fisher is the
+# cheapest way to a low loss; the LM rule then moves the damping where the batch needs it.
+DEFAULT_DAMPING = 1e-1
+DEFAULT_DAMPING_FLOOR = 1e-4
+DEFAULT_DAMPING_CEILING = 1e4
+DEFAULT_TOL = 1e-3
+DEFAULT_MAXITER = 20
+
+
+@dataclass
+class NGDStats:
+    """Diagnostics of one :meth:`NGD.step` (``opt.last_stats``; ``opt.history`` keeps them as dicts).
+
+    ``reason`` is ``"accepted"``, ``"rejected"`` (the trial loss was higher: parameters restored),
+    ``"nonfinite_loss"``, ``"nonfinite_grad"``, ``"nonfinite_solution"``, ``"nonfinite_step"`` or
+    ``"nonfinite_curvature"`` (the step was skipped; nothing reached the parameters).
+    """
+
+    step: int
+    loss: float
+    trial_loss: float
+    accepted: bool
+    reason: str
+    iterations: int
+    residual: float
+    converged: bool
+    method: str
+    damping: float
+    next_damping: float
+    rho: float
+    predicted_reduction: float
+    actual_reduction: float
+    grad_norm: float
+    step_norm: float
+    time: float
+    skipped_total: int
+    rejected_total: int
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False, upper: float | None = None
+              ) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if upper is not None:
+        ok = ok and value <= upper
+    if not ok:
+        bound = "≥ 0" if allow_zero else "> 0"
+        extra = f" and ≤ {upper:g}" if upper is not None else ""
+        raise ValueError(f"{name}: expected a finite number {bound}{extra}, got {value!r}")
+    return value
+
+
+class _BoundKwargs(nn.Module):
+    """``model(*args, **kwargs)`` with the keyword arguments bound, for the Fisher's forward."""
+
+    def __init__(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.kwargs = kwargs
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*args, **self.kwargs)
+
+
+class NGD(torch.optim.Optimizer):
+    """Natural gradient descent with adaptive (Levenberg–Marquardt) damping.
+
+    Use it like :class:`torch.optim.LBFGS`: ``opt.step(closure)`` where the closure zeroes the
+    gradients, runs the model, computes the loss, calls ``loss.backward()`` and returns the loss::
+
+        opt = ngtriton.NGD(model)
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    **Where the Fisher comes from.** During the closure a forward pre-hook on ``model`` records
+    the arguments of the model's *first* forward call (positional and keyword). After the closure
+    the Fisher ``F`` of ``model`` at those inputs is built as a :class:`~ngtriton.FisherOperator`
+    (one extra forward pass), with the given ``likelihood`` on the model's outputs: the loss the
+    closure computes should be the mean negative log-likelihood of that likelihood (cross-entropy
+    for ``"categorical"``, ½‖y − z‖² for ``"gaussian"``, BCE-with-logits for ``"bernoulli"``),
+    plus any regulariser. The right-hand side ``g`` is the parameters' ``.grad`` after the closure
+    plus ``weight_decay·θ``, so anything the closure adds to the loss composes.
+
+    **The step.** ``(F + λI) n = g`` is solved by :func:`ngtriton.solve` (``method``, ``tol``,
+    ``maxiter``), then each parameter group moves by ``−lr·n`` (``lr`` read from the group every
+    step, so LR schedulers work). Parameters of ``model`` that are in no group stay fixed (they are
+    still part of ``F``; set ``requires_grad=False`` to leave them out of it).
+
+    **Damping, ρ and rejection.** With ``adaptive_damping`` (default) or ``reject_steps``
+    (default), the loss is re-evaluated at the trial point by calling the closure once more in
+    *evaluation mode*: the model's parameters temporarily do not require grad and every output of
+    ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
+    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The
+    reduction ratio ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay;
+    one extra Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
+    ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
+    A step that raises the loss (or makes it non-finite) is undone: the parameters are restored
+    bit for bit and the damping raised. The parameters' ``.grad`` after :meth:`step` is the
+    gradient of the first closure call.
+
+    **Non-finite values** (loss, gradient, solution, step or curvature) never reach the
+    parameters: the step is skipped, the damping raised, and ``skipped_total`` counts it.
+
+    Args:
+        model: the network to optimise (needed to linearize it).
+        lr: step size applied to the natural gradient (default 1: the Newton-like step).
+        damping: initial Tikhonov damping λ.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a ``Likelihood``.
+        fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (the latter needs ``step(closure,
+            targets=y)``).
+        method: solver (``"auto"``, ``"cg"``, ``"minres"``, ``"lsmr"``, ``"dual"``).
+        params: optional parameters or param-group dicts (default: all trainable parameters).
+        weight_decay: L2 coefficient added to the gradient (per group).
+        adaptive_damping: adapt λ with the LM rule (else λ stays fixed).
+        damping_floor, damping_ceiling: bounds of the adaptive damping.
+        damping_increase, damping_decrease: the LM factors (3/2 and 2/3).
+        tol, maxiter: the solver's relative tolerance and iteration cap.
+        warm_start: start the solver from ``warm_start_decay`` × the previous solution (ignored
+            while λ = 0, where it would give up the minimum-norm solution).
+        curvature_fraction: fraction of the batch used for the Fisher products (a random subset,
+            drawn from the optimizer's own generator).
+        reject_steps: undo steps that raise the loss.
+        backend: linearization backend (``"auto"``, ``"torch"``, ``"triton"``, ``"autograd"``).
+        mc_samples: sampled labels per example for ``fisher="mc"``.
+        seed: seed of the generator for the subsample and Monte-Carlo labels.
+        keep_history: append every step's statistics to ``opt.history``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = DEFAULT_DAMPING,
+                 likelihood: str | Likelihood = "categorical", fisher: str = "exact",
+                 method: str = "auto", *, params: Iterable[Any] | None = None,
+                 weight_decay: float = 0.0, adaptive_damping: bool = True,
+                 damping_floor: float = DEFAULT_DAMPING_FLOOR,
+                 damping_ceiling: float = DEFAULT_DAMPING_CEILING,
+                 damping_increase: float = 1.5, damping_decrease: float = 2.0 / 3.0,
+                 tol: float = DEFAULT_TOL, maxiter: int | None = DEFAULT_MAXITER,
+                 warm_start: bool = False, warm_start_decay: float = 0.95,
+                 curvature_fraction: float = 1.0, reject_steps: bool = True,
+                 backend: str = "auto", mc_samples: int = 1, seed: int = 0,
+                 keep_history: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model: has no trainable parameters (none with requires_grad=True)")
+        lr = _positive("lr", lr)
+        damping = _positive("damping", damping, allow_zero=True)
+        weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+        self.likelihood = get_likelihood(likelihood)
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher: expected one of {list(FISHER_TYPES)}, got {fisher!r}")
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        floor = _positive("damping_floor", damping_floor, allow_zero=True)
+        ceiling = _positive("damping_ceiling", damping_ceiling)
+        if ceiling < floor:
+            raise ValueError(f"damping_ceiling: {ceiling:g} is below damping_floor {floor:g}")
+        if adaptive_damping and not floor <= damping <= ceiling:
+            raise ValueError(f"damping: {damping:g} lies outside [damping_floor, damping_ceiling]"
+                             f" = [{floor:g}, {ceiling:g}]; move the bounds or pass "
+                             "adaptive_damping=False")
+        increase = _positive("damping_increase", damping_increase)
+        decrease = _positive("damping_decrease", damping_decrease)
+        if increase <= 1:
+            raise ValueError(f"damping_increase: expected > 1, got {increase:g}")
+        if decrease >= 1:
+            raise ValueError(f"damping_decrease: expected < 1, got {decrease:g}")
+        tol = _positive("tol", tol)
+        if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int)
+                                    or maxiter < 1):
+            raise ValueError(f"maxiter: expected an integer ≥ 1 or None, got {maxiter!r}")
+        warm_start_decay = _positive("warm_start_decay", warm_start_decay, allow_zero=True,
+                                     upper=1.0)
+        curvature_fraction = _positive("curvature_fraction", curvature_fraction, upper=1.0)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples: expected an integer ≥ 1, got {mc_samples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+
+        defaults = {"lr": lr, "weight_decay": weight_decay}
+        super().__init__(trainable if params is None else params, defaults)
+        ids = {id(p) for p in trainable}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in ids:
+                    raise ValueError("params: every parameter must be a trainable parameter of "
+                                     "model (the Fisher is taken over model.parameters())")
+            _positive("lr", group["lr"])
+            _positive("weight_decay", group["weight_decay"], allow_zero=True)
+
+        self.model = model
+        self.fisher = fisher
+        self.method = method
+        self.backend = backend
+        self.adaptive_damping = bool(adaptive_damping)
+        self.damping_floor, self.damping_ceiling = floor, ceiling
+        self.damping_increase, self.damping_decrease = increase, decrease
+        self.tol, self.maxiter = tol, maxiter
+        self.warm_start, self.warm_start_decay = bool(warm_start), warm_start_decay
+        self.curvature_fraction = curvature_fraction
+        self.reject_steps = bool(reject_steps)
+        self.mc_samples = mc_samples
+        self.keep_history = bool(keep_history)
+        self._trainable = trainable
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(seed)
+        # Optimizer-wide state (what state_dict() must carry beyond the per-parameter state).
+        self.damping = damping
+        self.steps = 0
+        self.skipped_total = 0
+        self.rejected_total = 0
+        self.last_stats: NGDStats | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --- the closure's forward ------------------------------------------------------------------
+    def _run_closure(self, closure: Callable[[], Any]) -> tuple[Any, tuple, dict]:
+        captured: dict[str, Any] = {}
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if "args" not in captured:
+                captured["args"], captured["kwargs"] = args, dict(kwargs)
+
+        handle = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise ValueError("closure: it never called the model passed to NGD, so there are no "
+                             "inputs to build the Fisher at")
+        return loss, captured["args"], captured["kwargs"]
+
+    @staticmethod
+    def _loss_value(loss: Any) -> float:
+        if loss is None:
+            raise ValueError("closure: returned None; it must return the loss (like LBFGS's)")
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"closure: must return a scalar loss, got shape "
+                                 f"{tuple(loss.shape)}")
+            return float(loss.detach())
+        if isinstance(loss, int | float) and not isinstance(loss, bool):
+            return float(loss)
+        raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
+                        f"{type(loss).__name__}")
+
+    def _evaluate(self, closure: Callable[[], Any]) -> float:
+        """The closure's loss at the current parameters, at the cost of about one forward."""
+        saved_grads = [p.grad for p in self._trainable]
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+
+        def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
+            if isinstance(output, Tensor) and output.is_floating_point():
+                return output.detach().requires_grad_(True)
+            return None
+
+        handle = self.model.register_forward_hook(leaf_outputs)
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                value = self._loss_value(closure())
+        except (ValueError, TypeError):
+            raise
+        except RuntimeError as err:  # e.g. a backward through a non-differentiable head
+            if "does not require grad" not in str(err):
+                raise
+            value = math.nan
+        finally:
+            handle.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for p, grad in zip(self._trainable, saved_grads):
+                p.grad = grad
+        return value
+
+    # --- pieces of a step -------------------------------------------------------------------------
+    def _per_param(self, key: str) -> dict[int, float]:
+        return {id(p): float(g[key]) for g in self.param_groups for p in g["params"]}
+
+    def _curvature_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.curvature_fraction >= 1.0:
+            return args, kwargs
+        first = next((a for a in args if isinstance(a, Tensor) and a.ndim > 0), None)
+        if first is None:
+            return args, kwargs
+        n = first.shape[0]
+        k = max(1, int(round(self.curvature_fraction * n)))
+        if k >= n:
+            return args, kwargs
+        idx = torch.randperm(n, generator=self._generator)[:k].to(first.device)
+
+        def take(a: Any) -> Any:
+            return a.index_select(0, idx) if isinstance(a, Tensor) and a.ndim > 0 \
+                and a.shape[0] == n else a
+
+        return tuple(take(a) for a in args), {k_: take(v) for k_, v in kwargs.items()}
+
+    def _bump_damping(self) -> None:
+        if self.adaptive_damping:
+            self.damping = min(max(self.damping * self.damping_increase, self.damping_floor),
+                               self.damping_ceiling)
+
+    def _update_damping(self, rho: float) -> None:
+        """The Levenberg–Marquardt rule (NaN ρ counts as a bad step)."""
+        if not self.adaptive_damping:
+            return
+        if not rho >= 0.25:
+            self.damping *= self.damping_increase
+        elif rho > 0.75:
+            self.damping *= self.damping_decrease
+        self.damping = min(max(self.damping, self.damping_floor), self.damping_ceiling)
+
+    def _finish(self, stats: dict[str, Any], t0: float) -> None:
+        stats.setdefault("next_damping", self.damping)
+        stats["time"] = time.perf_counter() - t0
+        stats["skipped_total"] = self.skipped_total
+        stats["rejected_total"] = self.rejected_total
+        self.last_stats = NGDStats(**stats)
+        if self.keep_history:
+            self.history.append(asdict(self.last_stats))
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None,  # type: ignore[override]
+             targets: Tensor | None = None) -> Any:
+        """One natural-gradient step (see the class docstring); returns the closure's loss.
+
+        ``targets`` is needed only for ``fisher="empirical"`` (the observed labels of the batch).
+        """
+        if closure is None or not callable(closure):
+            raise TypeError("closure: NGD.step needs a closure that zeroes the gradients, runs "
+                            "the model, calls backward() and returns the loss")
+        if self.fisher == "empirical" and targets is None:
+            raise ValueError("targets: fisher='empirical' needs step(closure, targets=labels)")
+        t0 = time.perf_counter()
+        self.steps += 1
+        damping = self.damping
+        stats: dict[str, Any] = {
+            "step": self.steps, "loss": math.nan, "trial_loss": math.nan, "accepted": False,
+            "reason": "", "iterations": 0, "residual": math.nan, "converged": False,
+            "method": self.method, "damping": damping, "rho": math.nan,
+            "predicted_reduction": math.nan, "actual_reduction": math.nan,
+            "grad_norm": math.nan, "step_norm": 0.0}
+
+        def skip(reason: str) -> None:
+            self.skipped_total += 1
+            self._bump_damping()
+            stats["reason"] = reason
+            self._finish(stats, t0)
+
+        loss, args, kwargs = self._run_closure(closure)
+        loss_value = self._loss_value(loss)
+        stats["loss"] = loss_value
+        if not math.isfinite(loss_value):
+            skip("nonfinite_loss")
+            return loss
+
+        params = self._trainable
+        decay = self._per_param("weight_decay")
+        with torch.no_grad():
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                     for p in params]
+            for p, g in zip(params, grads):
+                if decay.get(id(p), 0.0):
+                    g.add_(p.detach(), alpha=decay.get(id(p), 0.0))
+            g = torch.cat([t.reshape(-1) for t in grads])
+            grad_norm = float(g.norm())
+        stats["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm):
+            skip("nonfinite_grad")
+            return loss
+
+        c_args, c_kwargs = self._curvature_inputs(args, kwargs)
+        fisher_model = _BoundKwargs(self.model, c_kwargs) if c_kwargs else self.model
+        op = FisherOperator(fisher_model, c_args, self.likelihood, targets=targets,
+                            fisher=self.fisher, damping=damping, backend=self.backend,
+                            mc_samples=self.mc_samples, generator=self._generator)
+        x0 = None
+        if self.warm_start and damping > 0 and "warm_start" in self.state[params[0]]:
+            x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
+            x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
+        with torch.no_grad():
+            result = solve(op, g, method=self.method, tol=self.tol, maxiter=self.maxiter, x0=x0)
+        n = result.x.detach()
+        stats.update(iterations=int(result.iterations), residual=float(result.residual),
+                     converged=bool(result.converged), method=str(result.method))
+        if not bool(torch.isfinite(n).all()):
+            skip("nonfinite_solution")
+            return loss
+        if self.warm_start:
+            for p, chunk in zip(params, op.unflatten(n)):
+                self.state[p]["warm_start"] = chunk.clone()
+
+        lr = self._per_param("lr")
+        in_group = {id(p) for group in self.param_groups for p in group["params"]}
+        with torch.no_grad():
+            deltas = [(-lr[id(p)] * chunk) if id(p) in in_group else torch.zeros_like(chunk)
+                      for p, chunk in zip(params, op.unflatten(n))]
+            delta = torch.cat([d.reshape(-1) for d in deltas])
+            step_norm = float(delta.norm())
+        stats["step_norm"] = step_norm
+        if not math.isfinite(step_norm):
+            skip("nonfinite_step")
+            return loss
+
+        evaluate = self.adaptive_damping or self.reject_steps
+        predicted = math.nan
+        if evaluate:
+            with torch.no_grad():
+                curvature = float(delta.dot(op.fisher_matvec(delta)))
+                l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum()) for p, d in zip(params, deltas))
+                predicted = float(g.dot(delta)) + 0.5 * (curvature + damping * step_norm**2 + l2)
+            if not math.isfinite(predicted):
+                skip("nonfinite_curvature")
+                return loss
+        stats["predicted_reduction"] = predicted
+
+        old = [p.detach().clone() for p in params] if evaluate else None
+        with torch.no_grad():
+            for p, d in zip(params, deltas):
+                p.add_(d)
+        if not evaluate:
+            stats.update(accepted=True, reason="accepted")
+            self._finish(stats, t0)
+            return loss
+
+        trial = self._evaluate(closure)
+        with torch.no_grad():
+            reg_change = sum(0.5 * decay.get(id(p), 0.0) * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
+                             for p, o in zip(params, old) if decay.get(id(p), 0.0))
+        actual = trial - loss_value + reg_change
+        rho = actual / predicted if predicted < 0 else -math.inf
+        if not math.isfinite(actual):
+            rho = math.nan
+        stats.update(trial_loss=trial, actual_reduction=actual, rho=rho)
+        if self.reject_steps and not actual <= 0:
+            with torch.no_grad():
+                for p, o in zip(params, old):
+                    p.copy_(o)
+            self.rejected_total += 1
+            stats.update(reason="rejected", step_norm=0.0)
+            self._update_damping(-math.inf)
+        else:
+            stats.update(accepted=True, reason="accepted")
+            self._update_damping(rho)
+        self._finish(stats, t0)
+        return loss
+
+    # --- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The torch.optim state plus NGD's own: damping, counters, generator, history."""
+        out = super().state_dict()
+        out["ngd"] = {
+            "damping": self.damping, "steps": self.steps, "skipped_total": self.skipped_total,
+            "rejected_total": self.rejected_total, "generator": self._generator.get_state(),
+            "history": [dict(h) for h in self.history],
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ngd = state_dict.pop("ngd", None)
+        if ngd is None:
+            raise ValueError("state_dict: has no 'ngd' entry; it was not saved by NGD")
+        super().load_state_dict(state_dict)
+        self.damping = float(ngd["damping"])
+        self.steps = int(ngd["steps"])
+        self.skipped_total = int(ngd["skipped_total"])
+        self.rejected_total = int(ngd["rejected_total"])
+        self._generator.set_state(ngd["generator"].to("cpu", torch.uint8))
+        self.history = [dict(h) for h in ngd["history"]]
+        self.last_stats = NGDStats(**self.history[-1]) if self.history else None
+
+    def __repr__(self) -> str:
+        return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "
+                f"likelihood={self.likelihood.name!r}, fisher={self.fisher!r}, "
+                f"method={self.method!r}, steps={self.steps})")

@@ -1,0 +1,57 @@
+"""Vector updates of the Krylov solvers, in plain torch, without host synchronisation.
+
+Scalars (``alpha``, ``beta``, ...) are 0-d tensors on the vectors' device and are never read on
+the host here. Reductions come back as 0-d tensors (float64 for float64 vectors, float32
+otherwise). ``ngtriton.kernels.krylov`` provides fused Triton versions with the same signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of reductions over vectors of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a·b`` as a 0-d tensor."""
+    acc = acc_dtype(a.dtype)
+    return torch.dot(a.to(acc), b.to(acc))
+
+
+def norm(a: Tensor) -> Tensor:
+    """``‖a‖₂`` as a 0-d tensor."""
+    return torch.linalg.vector_norm(a.to(acc_dtype(a.dtype)))
+
+
+def cg_update(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor) -> Tensor:
+    """``x += α p`` and ``r −= α Ap`` in place; returns the new ``r·r``."""
+    a = alpha.to(x.dtype)
+    x.addcmul_(p, a)
+    r.addcmul_(Ap, a, value=-1)
+    return dot(r, r)
+
+
+def update_direction(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
+    """``p = r + β p`` in place; returns ``p``."""
+    return p.mul_(beta.to(p.dtype)).add_(r)
+
+
+def axpy(y: Tensor, x: Tensor, a: Tensor) -> Tensor:
+    """``y += a x`` in place; returns ``y``."""
+    return y.addcmul_(x, a.to(y.dtype))
+
+
+def minres_update(x: Tensor, v: Tensor, w1: Tensor, w2: Tensor, oldeps: Tensor, delta: Tensor,
+                  denom: Tensor, phi: Tensor) -> Tensor:
+    """MINRES direction and step: ``w1 ← (v − ε w1 − δ w2)·denom`` (in place), ``x += φ w1``.
+
+    Returns ``w1``, which now holds the newest direction (the caller rotates its buffers).
+    """
+    dt = x.dtype
+    w1.mul_(-oldeps.to(dt)).addcmul_(w2, -delta.to(dt)).add_(v).mul_(denom.to(dt))
+    x.addcmul_(w1, phi.to(dt))
+    return w1

@@ -1,0 +1,136 @@
+"""``solve``: the natural-gradient solve ``(F + λI) x = rhs`` on a Fisher operator, any method."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .cg import cg
+from .dual import dual_direct, dual_krylov
+from .lsmr import lsmr
+from .minres import minres
+from .result import SolveResult, check_options
+
+DUAL_DIRECT_MAX_ROWS = 512
+METHODS = ("auto", "cg", "minres", "lsmr", "lsqr", "dual", "dual-direct", "dual-krylov")
+
+
+def _flat_rhs(op: Any, rhs: Any) -> tuple[Tensor, bool]:
+    """``rhs`` as a flat vector of length P; True when it came as a list of tensors."""
+    P = int(op.num_params)
+    if isinstance(rhs, Tensor):
+        if rhs.ndim != 1 or rhs.shape[0] != P:
+            raise ValueError(f"rhs: expected a flat vector of length {P} or a list of "
+                             f"parameter-shaped tensors, got shape {tuple(rhs.shape)}")
+        return rhs.to(dtype=op.dtype, device=op.device), False
+    if isinstance(rhs, Sequence) and not isinstance(rhs, str):
+        try:
+            flat = op.flatten(list(rhs))
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"rhs: does not match the parameters' shapes ({err})") from None
+        if flat.shape != (P,):
+            raise ValueError(f"rhs: expected {P} values in all, got {flat.numel()}")
+        return flat.to(dtype=op.dtype, device=op.device), True
+    raise TypeError(f"rhs: expected None, a flat Tensor or a list of Tensors, "
+                    f"got {type(rhs).__name__}")
+
+
+def _pick(method: str, R: int, P: int, have_b: bool, lam: float, have_x0: bool) -> str:
+    if method == "auto":
+        if have_x0:
+            return "cg"
+        if R <= DUAL_DIRECT_MAX_ROWS and R <= P:
+            return "dual-direct"
+        return "lsmr" if have_b or lam == 0 else "minres"
+    if method == "lsqr":
+        return "lsmr"
+    if method == "dual":
+        return "dual-direct" if R <= DUAL_DIRECT_MAX_ROWS else "dual-krylov"
+    return method
+
+
+def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "auto", *,
+          tol: float = 1e-6, atol: float = 0.0, maxiter: int | None = None,
+          x0: Tensor | Sequence[Tensor] | None = None, check_every: int = 1) -> SolveResult:
+    """Solve ``(F + λI) x = rhs`` for a Fisher operator ``op`` (λ = ``op.damping``).
+
+    At λ = 0 every method returns the minimum-norm solution ``F⁺ rhs`` (from ``x0 = 0``).
+
+    Args:
+        op: a :class:`~ngtriton.fisher.FisherOperator` (or anything with its protocol).
+        rhs: None for the gradient ``g`` (then ``b = op.gradient_factor()``, ``Aᵀb = g``, lets
+            LSMR and the dual work on the factor ``A``); a flat tensor of length P; or a list of
+            parameter-shaped tensors, in which case ``result.x`` is a list too.
+        method:
+            ``"cg"``, ``"minres"``: Krylov on ``F + λI``.
+            ``"lsmr"``: LSMR on ``A`` with ``damp = √λ`` when ``rhs`` is None and ``b`` exists
+            (accuracy ~κ(A)·u instead of κ(A)²·u); otherwise LSMR on ``M = F + λI`` itself,
+            which gives the minimum-norm least-squares ``M⁺ rhs`` even for an rhs outside
+            range(F); its ``residual`` is then ``‖M(rhs − Mx)‖/‖M rhs‖``. ``"lsqr"`` is an
+            alias of ``"lsmr"``.
+            ``"dual-direct"``: eigh of ``AAᵀ`` (R × R); ``"dual-krylov"``: MINRES on
+            ``AAᵀ + λI`` (needs ``b``); ``"dual"``: direct when R ≤ ``DUAL_DIRECT_MAX_ROWS``,
+            else Krylov.
+            ``"auto"``: ``"cg"`` when ``x0`` is given; else dual-direct when R ≤ 512 and R ≤ P;
+            else ``"lsmr"`` when ``b`` exists or λ = 0, else ``"minres"``.
+        tol, atol: stop when the relative residual ≤ ``max(tol, atol/‖rhs‖)``.
+        maxiter: iteration cap (default: the system's dimension, at most 10 000).
+        x0: warm start (flat or list), for ``"cg"``/``"minres"`` only. At λ = 0 it gives up the
+            minimum-norm property (a warning says so).
+        check_every: read the stopping test on the host every ``check_every`` iterations (on
+            CUDA, > 1 avoids a synchronisation per iteration).
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, "
+                         f"got {method!r}")
+    tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
+    lam = float(op.damping)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"op: damping must be finite and ≥ 0, got {lam}")
+    P, R = int(op.num_params), int(op.num_rows)
+    if rhs is None:
+        g, b, as_list = op.gradient(), op.gradient_factor(), False
+    else:
+        (g, as_list), b = _flat_rhs(op, rhs), None
+    chosen = _pick(method, R, P, b is not None, lam, x0 is not None)
+    x0_flat = None
+    if x0 is not None:
+        if chosen not in ("cg", "minres"):
+            raise ValueError(f"x0: not supported by method {chosen!r} (use 'cg' or 'minres')")
+        x0_flat = _flat_rhs(op, x0)[0] if not isinstance(x0, Tensor) else x0
+        if x0_flat.ndim != 1 or x0_flat.shape[0] != P:
+            raise ValueError(f"x0: expected a flat vector of length {P}, "
+                             f"got shape {tuple(x0_flat.shape)}")
+        x0_flat = x0_flat.to(dtype=op.dtype, device=op.device)
+        if lam == 0:
+            warnings.warn("x0: a warm start at damping 0 gives up the minimum-norm solution "
+                          "F⁺rhs (null-space components of x0 are kept)", stacklevel=2)
+    kw: dict[str, Any] = dict(tol=tol, atol=atol, maxiter=maxiter, check_every=check_every)
+    if chosen == "cg":
+        result = cg(op.damped_matvec, g, x0=x0_flat, **kw)
+    elif chosen == "minres":
+        result = minres(op.damped_matvec, g, x0=x0_flat, **kw)
+    elif chosen == "lsmr":
+        if b is not None:
+            result = lsmr(op.factor_matvec, op.factor_rmatvec, b, damp=math.sqrt(lam), **kw)
+        else:
+            result = lsmr(op.damped_matvec, op.damped_matvec, g, **kw)
+    elif chosen == "dual-direct":
+        result = dual_direct(op, g, b)
+    else:  # dual-krylov
+        if b is None:
+            raise ValueError(f"method: {method!r} (dual Krylov) needs the gradient factor b, "
+                             "i.e. rhs=None and op.gradient_factor() not None; use 'minres' "
+                             "or 'dual-direct'")
+        result = dual_krylov(op, b, rhs=g, **kw)
+    if as_list:
+        result.x = op.unflatten(result.x)
+    return result
+
+
+__all__ = ["DUAL_DIRECT_MAX_ROWS", "METHODS", "solve"]
+

@@ -1,0 +1,101 @@
+"""Sample-space ("dual", kernel) solves: ``n = Aᵀ (AAᵀ + λI)⁺ b`` in R dimensions (R rows of A).
+
+Cheaper than the primal solve when R = rows of the factor ≪ P; exact by ``eigh`` when R is small.
+``op`` follows the FisherOperator protocol (``factor_matvec``/``rmatvec``/``matmat``/``rmatmat``,
+``damped_matvec``, ``damping``, ``num_rows``, ``dtype``, ``device``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _vecops as vo
+from .minres import minres
+from .result import SolveResult, trivial_result
+
+
+def kernel_matrix(op: Any, chunk_size: int = 256) -> Tensor:
+    """``K = A Aᵀ`` (R × R), built as ``A (Aᵀ I)`` in column chunks, then symmetrised."""
+    R = int(op.num_rows)
+    eye = torch.eye(R, dtype=op.dtype, device=op.device)
+    cols = [op.factor_matmat(op.factor_rmatmat(eye[:, i:i + chunk_size]))
+            for i in range(0, R, chunk_size)]
+    K = torch.cat(cols, dim=1)
+    return (K + K.T) * 0.5
+
+
+def _eig(K: Tensor) -> tuple[Tensor, Tensor]:
+    """Kept eigenpairs of PSD ``K``: eigenvalues ``≤ R·eps·μ_max`` are treated as zero."""
+    mu, U = torch.linalg.eigh(K)
+    mu_max = float(mu.max()) if mu.numel() else 0.0
+    keep = mu > K.shape[0] * torch.finfo(K.dtype).eps * max(mu_max, 0.0)
+    return mu[keep], U[:, keep]
+
+
+def _relres(op: Any, rhs: Tensor, x: Tensor) -> float:
+    rnorm = float(vo.norm(rhs))
+    return float(vo.norm(rhs - op.damped_matvec(x))) / rnorm if rnorm > 0 else 0.0
+
+
+def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
+                chunk_size: int = 256) -> SolveResult:
+    """Exact solve through the eigendecomposition of ``K = AAᵀ`` (R products of each kind).
+
+    With ``b`` (``Aᵀb = rhs``): ``n = Aᵀ U diag(1/(μ+λ)) Uᵀ b`` over the kept eigenpairs
+    (``1/μ`` for λ = 0, the pseudo-inverse). With only ``rhs``: split ``rhs = Aᵀβ + r⊥``,
+    ``β = K⁺ A rhs``; then ``n = Aᵀ(K+λ)⁻¹β + r⊥/λ`` (λ > 0) or ``n = Aᵀ K⁺K⁺ A rhs = F⁺ rhs``
+    (λ = 0), so an rhs outside range(F) is handled exactly too. Eigenvalues ``≤ R·eps·μ_max`` are
+    treated as zero. ``residual`` is computed explicitly, ``‖rhs − (F+λI)n‖/‖rhs‖`` (one more
+    product); it is not small for an inconsistent rhs at λ = 0 although ``n = F⁺ rhs`` then.
+    """
+    if rhs is None and b is None:
+        raise ValueError("rhs: dual_direct needs rhs or b")
+    if rhs is None:
+        rhs = op.factor_rmatvec(b)
+    if float(vo.norm(rhs)) == 0.0:
+        return trivial_result(torch.zeros_like(rhs), "dual-direct")
+    lam = float(op.damping)
+    mu, U = _eig(kernel_matrix(op, chunk_size))
+    if b is not None:
+        coef = U @ ((U.T @ b) / (mu + lam))
+        x = op.factor_rmatvec(coef)
+    else:
+        c = U.T @ op.factor_matvec(rhs)
+        if lam > 0:
+            r_perp = rhs - op.factor_rmatvec(U @ (c / mu))
+            x = op.factor_rmatvec(U @ (c / (mu * (mu + lam)))) + r_perp / lam
+        else:
+            x = op.factor_rmatvec(U @ (c / (mu * mu)))
+    res = _relres(op, rhs, x)
+    return SolveResult(x=x, iterations=0, residual=res, converged=True, reason="direct",
+                       method="dual-direct", history=[])
+
+
+def dual_krylov(op: Any, b: Tensor, *, rhs: Tensor | None = None, tol: float = 1e-6,
+                atol: float = 0.0, maxiter: int | None = None, check_every: int = 1
+                ) -> SolveResult:
+    """MINRES on ``(K + λI) y = b`` with ``K y = A(Aᵀy)``, then ``n = Aᵀ y``.
+
+    A singular K is fine: any least-squares ``y`` gives the same ``n`` (MINRES also stops, as
+    converged, once ``y`` is a least-squares solution). ``history`` and the stopping test are in
+    the dual sense, ``‖b − (K+λ)y‖/‖b‖``; the reported ``residual`` is the primal one,
+    ``‖rhs − (F+λI)n‖/‖rhs‖`` with ``rhs = Aᵀb``, computed explicitly (one more product).
+    """
+    lam = float(op.damping)
+
+    def kmv(y: Tensor) -> Tensor:
+        out = op.factor_matvec(op.factor_rmatvec(y))
+        return out.add_(y, alpha=lam) if lam else out
+
+    inner = minres(kmv, b, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+                   lstsq=True)
+    x = op.factor_rmatvec(inner.x)
+    if rhs is None:
+        rhs = op.factor_rmatvec(b)
+    inner.x = x
+    inner.residual = _relres(op, rhs, x)
+    inner.method = "dual-krylov"
+    return inner

@@ -1,0 +1,106 @@
+"""MINRES (Paige & Saunders) for symmetric, possibly indefinite or singular, systems."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import _vecops as vo
+from .result import (
+    Monitor,
+    SolveResult,
+    check_options,
+    check_vector,
+    default_maxiter,
+    trivial_result,
+)
+
+Matvec = Callable[[Tensor], Tensor]
+
+
+def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6,
+           atol: float = 0.0, maxiter: int | None = None, check_every: int = 1,
+           lstsq: bool = False) -> SolveResult:
+    """Solve ``M x = b`` for symmetric ``M`` by MINRES (Lanczos + Givens QR).
+
+    From ``x0 = 0`` on a consistent singular system the iterates stay in range(M) and MINRES
+    returns ``M⁺ b``. ``residual``/``history`` are ``‖b − Mx‖/‖b‖`` from the recurrence. Stops
+    when it is ``≤ max(tol, atol/‖b‖)``; when the next Lanczos coefficient vanishes
+    (``β ≤ 10·eps·‖T‖``, or a pivot ``γ`` that small: the Krylov space is exhausted, the
+    iterate is then the least-squares solution in it); on non-finite scalars or a zero pivot (breakdown, iterate frozen, never
+    NaN); or after ``maxiter`` iterations (default ``min(n, 10_000)``).
+
+    ``lstsq=True`` also stops, as converged, when ``‖M r‖ ≤ tol·‖M‖·‖r‖`` (a least-squares
+    solution of an inconsistent system has been reached). ``check_every``: as in :func:`cg`.
+    """
+    b = check_vector(b, "b")
+    tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
+    maxiter = default_maxiter(maxiter, b.numel())
+    bnorm = float(vo.norm(b))
+    if bnorm == 0.0:
+        return trivial_result(torch.zeros_like(b), "minres")
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r1 = b.clone()
+    else:
+        x = check_vector(x0, "x0", b.numel()).to(b.dtype).clone()
+        r1 = b - matvec(x)
+    beta = vo.norm(r1)
+    mon = Monitor(beta / bnorm, max(tol, atol / bnorm), check_every)
+    if mon.residual <= mon.threshold:
+        return trivial_result(x, "minres", "converged", mon.residual)
+
+    sdt = beta.dtype
+    eps, tiny = torch.finfo(sdt).eps, torch.finfo(sdt).tiny
+
+    def zero() -> Tensor:
+        return torch.zeros((), dtype=sdt, device=b.device)
+
+    oldb, dbar, epsln, tnorm2, sn = zero(), zero(), zero(), zero(), zero()
+    cs = -torch.ones((), dtype=sdt, device=b.device)
+    phibar = beta.clone()
+    r2, y = r1, r1
+    w1, w2 = torch.zeros_like(b), torch.zeros_like(b)  # w_{k-2}, w_{k-1}
+    for _ in range(maxiter):
+        v = y * torch.where(beta > 0, 1 / torch.where(beta > 0, beta, 1), 0).to(b.dtype)
+        ratio = torch.where(oldb > 0, beta / torch.where(oldb > 0, oldb, 1), 0)
+        y = torch.addcmul(matvec(v), r1, -ratio.to(b.dtype))
+        alfa = vo.dot(v, y)
+        fin = torch.isfinite(alfa)
+        alfa = torch.where(fin, alfa, 0)
+        y = torch.where(fin, y, 0)  # a non-finite product must not leak into the iterates
+        vo.axpy(y, r2, -torch.where(beta > 0, alfa / torch.where(beta > 0, beta, 1), 0))
+        r1, r2 = r2, y
+        oldb, beta = beta, vo.norm(y)
+        fin = fin & torch.isfinite(beta)
+        beta = torch.where(fin, beta, 0)
+        tnorm2 = tnorm2 + alfa * alfa + oldb * oldb + beta * beta
+        # apply the previous rotation, then build the next one
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        arnorm = phibar * torch.hypot(gbar, dbar)
+        gamma = torch.hypot(gbar, beta)
+        anorm = tnorm2.sqrt()
+        # gamma ≈ 0: T_k is singular and the Krylov space exhausted (b ∉ range(M)); the
+        # previous iterate is the least-squares solution in it, so stop without this step
+        singular = gamma <= 10 * eps * anorm
+        ok = mon.running & fin & (gamma > tiny) & ~singular
+        gamma_s = torch.where(ok, gamma, 1)
+        cs = torch.where(ok, gbar / gamma_s, cs)
+        sn = torch.where(ok, beta / gamma_s, sn)
+        phi = torch.where(ok, cs * phibar, 0)
+        denom = torch.where(ok, 1 / gamma_s, 0)
+        w = vo.minres_update(x, v, w1, w2, oldeps, delta, denom, phi)
+        w1, w2 = w2, w
+        phibar_old = phibar
+        phibar = torch.where(ok, sn * phibar, phibar)
+        exhausted = singular | (beta <= 10 * eps * anorm)
+        ls = (arnorm <= mon.threshold * anorm * phibar_old) if lstsq else None
+        if mon.record(ok, phibar / bnorm, exhausted, ls):
+            break
+    return mon.result(x, "minres")

@@ -1,0 +1,46 @@
+"""Helpers shared by the kernel tests: device, per-dtype tolerances, random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# fp32: IEEE dot products with fp32 accumulation. fp16 / bf16: compared with an fp32 reference
+# computed from the same (already rounded) low-precision inputs, so only the kernel's own rounding
+# (operands of the dot, the output store) is measured.
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+}
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="needs CUDA (the Triton interpreter has no bfloat16)")
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=cuda_only)]
+
+
+def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32,
+          scale: float = 1.0) -> torch.Tensor:
+    t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+    return t.to(device=DEVICE, dtype=dtype)
+
+
+def up(t: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 copy of a (possibly low-precision) input, for the reference."""
+    return None if t is None else t.float()
+
+
+def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, dtype: torch.dtype,
+                 scale: float = 1.0) -> None:
+    """Compare in fp32 with the tolerance of ``dtype``; ``atol`` is multiplied by ``scale``."""
+    assert (actual is None) == (expected is None)
+    if actual is None:
+        return
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"],
+                               atol=tol["atol"] * scale)
