@@ -104,8 +104,7 @@ def problem(n: int = 8, d_in: int = 3, width: int = 6, m: int = 3, seed: int = 0
 
 def output_change(op: FisherOperator, v: Tensor) -> Tensor:
     """F_R J v per example (N, m): how the direction v moves the output distribution."""
-    jv = op.linearization.jvp(op.unflatten(v)).reshape(op.outputs.shape)
-    return op.likelihood.fvp(op.likelihood.fisher_state(op.outputs), jv)
+    return op.output_fvp(op.jvp(v))
 
 
 def natgrad(model: nn.Module, x: Tensor, y: Tensor, damping: float, method: str = "dual",

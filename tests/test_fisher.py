@@ -159,3 +159,16 @@ def test_bad_vectors_and_inputs_name_the_argument():
         FisherOperator(model, x, "gaussian", targets=torch.zeros(6, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="targets"):
         FisherOperator(model, x, "bernoulli", targets=torch.full((6, 3), 2.0, dtype=torch.float64))
+
+
+def test_public_jvp_vjp_and_output_fisher_compose_to_the_product():
+    model, x, y = make_problem("bernoulli", 6)
+    op = FisherOperator(model, x, "bernoulli", targets=y)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    u = op.jvp(v)
+    assert u.shape == (6, 3)
+    torch.testing.assert_close(op.vjp(op.output_fvp(u)) / 6, op @ v)
+    with pytest.raises(ValueError, match="u"):
+        op.output_fvp(u[:2])
+    with pytest.raises(ValueError, match="w"):
+        op.vjp(u[:2])

@@ -12,6 +12,7 @@ the examples and the benchmarks.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def make_mlp(sizes: Sequence[int] = (64, 128, 128, 10), seed: int = SEED,
     """An MLP with ``activation`` between its linear layers, initialised from ``seed``."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(activation())

@@ -246,6 +246,24 @@ class FisherOperator:
             raise ValueError(f"u: expected {self.num_rows} values, got {got}")
         return self.factor_rmatvec(u.to(self.dtype).reshape(-1))
 
+    def jvp(self, v: Vector) -> Tensor:
+        """``J v``: the change of the outputs, shape (N, m), for a parameter direction ``v``."""
+        return self._jvp(self._as_flat(v)[0])
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """``Jᵀ w`` as a flat vector, for output cotangents ``w`` of shape (N, m)."""
+        if not isinstance(w, Tensor) or w.numel() != self.outputs.numel():
+            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"w: expected {tuple(self.outputs.shape)} values, got {got}")
+        return self._vjp(w.to(self.dtype).reshape(self.outputs.shape))
+
+    def output_fvp(self, u: Tensor) -> Tensor:
+        """``F_R u`` per example (this operator's Fisher type) for ``u`` of shape (N, m)."""
+        if not isinstance(u, Tensor) or u.shape != self.outputs.shape:
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"u: expected shape {tuple(self.outputs.shape)}, got {got}")
+        return self._fvp_outputs(u.to(self.dtype))
+
     # --- gradient and loss ---------------------------------------------------------------------
     def _require_targets(self) -> Tensor:
         if self.targets is None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS
-from .solvers import METHODS, solve
+from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, solve
 
 # Defaults tuned on the digits MLP 64-128-128-10 (tanh, batch 256, 2-core CPU), see
 # benchmarks/bench_optim.py: a handful of CG iterations on a moderately damped Fisher is the
@@ -36,7 +36,7 @@ DEFAULT_MAXITER = 20
 
 @dataclass
 class NGDStats:
-    """Diagnostics of one :meth:`NGD.step` (``opt.last_stats``; ``opt.history`` keeps them as dicts).
+    """Diagnostics of one :meth:`NGD.step` (``opt.last_stats``; ``opt.history``: as dicts).
 
     ``reason`` is ``"accepted"``, ``"rejected"`` (the trial loss was higher: parameters restored),
     ``"nonfinite_loss"``, ``"nonfinite_grad"``, ``"nonfinite_solution"``, ``"nonfinite_step"`` or
@@ -247,7 +247,7 @@ class NGD(torch.optim.Optimizer):
         self.last_stats: NGDStats | None = None
         self.history: list[dict[str, Any]] = []
 
-    # --- the closure's forward ------------------------------------------------------------------
+    # --- the closure's forward ---
     def _run_closure(self, closure: Callable[[], Any]) -> tuple[Any, tuple, dict]:
         captured: dict[str, Any] = {}
 
@@ -310,7 +310,7 @@ class NGD(torch.optim.Optimizer):
                 p.grad = grad
         return value
 
-    # --- pieces of a step -------------------------------------------------------------------------
+    # --- pieces of a step ---
     def _per_param(self, key: str) -> dict[int, float]:
         return {id(p): float(g[key]) for g in self.param_groups for p in g["params"]}
 
@@ -321,7 +321,7 @@ class NGD(torch.optim.Optimizer):
         if first is None:
             return args, kwargs
         n = first.shape[0]
-        k = max(1, int(round(self.curvature_fraction * n)))
+        k = max(1, round(self.curvature_fraction * n))
         if k >= n:
             return args, kwargs
         idx = torch.randperm(n, generator=self._generator)[:k].to(first.device)
@@ -331,6 +331,16 @@ class NGD(torch.optim.Optimizer):
                 and a.shape[0] == n else a
 
         return tuple(take(a) for a in args), {k_: take(v) for k_, v in kwargs.items()}
+
+    def _resolve_method(self, op: FisherOperator, x0: Tensor | None) -> str:
+        """``"auto"``: the exact sample-space solve when it costs fewer products than the capped
+        Krylov solve (R ≤ 2·maxiter, R ≤ P), else the solver's own choice."""
+        if self.method != "auto" or x0 is not None:
+            return self.method
+        cap = 2 * (self.maxiter if self.maxiter is not None else op.num_params)
+        if op.num_rows <= min(cap, DUAL_DIRECT_MAX_ROWS, op.num_params):
+            return "dual-direct"
+        return "auto"
 
     def _bump_damping(self) -> None:
         if self.adaptive_damping:
@@ -356,7 +366,7 @@ class NGD(torch.optim.Optimizer):
         if self.keep_history:
             self.history.append(asdict(self.last_stats))
 
-    # --- the step -----------------------------------------------------------------------------------
+    # --- the step ---
     def step(self, closure: Callable[[], Any] | None = None,  # type: ignore[override]
              targets: Tensor | None = None) -> Any:
         """One natural-gradient step (see the class docstring); returns the closure's loss.
@@ -397,8 +407,8 @@ class NGD(torch.optim.Optimizer):
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                      for p in params]
             for p, g in zip(params, grads):
-                if decay.get(id(p), 0.0):
-                    g.add_(p.detach(), alpha=decay.get(id(p), 0.0))
+                if decay.get(id(p)):
+                    g.add_(p.detach(), alpha=decay[id(p)])
             g = torch.cat([t.reshape(-1) for t in grads])
             grad_norm = float(g.norm())
         stats["grad_norm"] = grad_norm
@@ -416,7 +426,8 @@ class NGD(torch.optim.Optimizer):
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
         with torch.no_grad():
-            result = solve(op, g, method=self.method, tol=self.tol, maxiter=self.maxiter, x0=x0)
+            result = solve(op, g, method=self._resolve_method(op, x0), tol=self.tol,
+                           maxiter=self.maxiter, x0=x0)
         n = result.x.detach()
         stats.update(iterations=int(result.iterations), residual=float(result.residual),
                      converged=bool(result.converged), method=str(result.method))
@@ -444,7 +455,8 @@ class NGD(torch.optim.Optimizer):
         if evaluate:
             with torch.no_grad():
                 curvature = float(delta.dot(op.fisher_matvec(delta)))
-                l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum()) for p, d in zip(params, deltas))
+                l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum())
+                         for p, d in zip(params, deltas))
                 predicted = float(g.dot(delta)) + 0.5 * (curvature + damping * step_norm**2 + l2)
             if not math.isfinite(predicted):
                 skip("nonfinite_curvature")
@@ -462,8 +474,8 @@ class NGD(torch.optim.Optimizer):
 
         trial = self._evaluate(closure)
         with torch.no_grad():
-            reg_change = sum(0.5 * decay.get(id(p), 0.0) * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
-                             for p, o in zip(params, old) if decay.get(id(p), 0.0))
+            reg_change = sum(0.5 * decay[id(p)] * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
+                             for p, o in zip(params, old) if decay.get(id(p)))
         actual = trial - loss_value + reg_change
         rho = actual / predicted if predicted < 0 else -math.inf
         if not math.isfinite(actual):
@@ -482,7 +494,7 @@ class NGD(torch.optim.Optimizer):
         self._finish(stats, t0)
         return loss
 
-    # --- state --------------------------------------------------------------------------------------
+    # --- state ---
     def state_dict(self) -> dict[str, Any]:
         """The torch.optim state plus NGD's own: damping, counters, generator, history."""
         out = super().state_dict()

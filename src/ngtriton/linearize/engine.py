@@ -30,6 +30,7 @@ import contextlib
 import inspect
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -59,7 +60,7 @@ from .rules import (
     build_linear_fn,
 )
 
-__all__ = ["EngineLinearization", "EngineUnsupported", "build_engine"]
+__all__ = ["EngineLinearization", "EngineUnsupported", "build_engine", "clear_trace_cache"]
 
 
 class EngineUnsupported(Exception):
@@ -163,7 +164,7 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None  # user layer without submodules: opaque node
 
 
-def _trace(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
+def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Graph:
     sig_params: list[inspect.Parameter] = []
     with contextlib.suppress(TypeError, ValueError):
         sig_params = list(inspect.signature(model.forward).parameters.values())
@@ -180,13 +181,42 @@ def _trace(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
                     concrete[p.name] = inputs[i]  # specialise non-tensor inputs (None, ints)
             elif p.default is not p.empty:
                 concrete[p.name] = p.default
+    key = _trace_key(model, concrete) if cache else None
+    cached = _TRACE_CACHE.get(model) if key is not None else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     try:
-        return _Tracer().trace(model, concrete_args=concrete or None)
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
         msg = str(err).strip().splitlines()
         first = msg[0] if msg else ""
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
+    if key is not None:
+        _TRACE_CACHE[model] = (key, graph)
+    return graph
+
+
+_TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, fx.Graph]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
+    """What a traced graph depends on: the module tree, train/eval flags, specialised inputs."""
+    try:
+        spec = tuple(sorted((k, v) for k, v in concrete.items()))
+        hash(spec)
+    except TypeError:
+        return None
+    return (tuple((name, id(m), type(m), m.training) for name, m in model.named_modules()), spec)
+
+
+def clear_trace_cache(model: nn.Module | None = None) -> None:
+    """Forget the cached fx graph of ``model`` (of every model when ``None``)."""
+    if model is None:
+        _TRACE_CACHE.clear()
+    else:
+        _TRACE_CACHE.pop(model, None)
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:
@@ -306,18 +336,23 @@ def _accumulate(cots: list[Any], owned: list[bool], s: int, c: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
-                 ops: ModuleType = ops_torch) -> EngineLinearization:
+                 ops: ModuleType = ops_torch, *, cache_trace: bool = True
+                 ) -> EngineLinearization:
     """Trace ``model``, run ``model(*inputs)`` once and return its rule-based linearization.
 
     ``ops`` provides ``linear_jvp``, ``linear_vjp``, ``layernorm_jvp`` and ``layernorm_vjp``
     (:mod:`ngtriton.linearize.ops_torch` or :mod:`ngtriton.kernels.ops`). Raises
     :class:`EngineUnsupported` with a reason when the model cannot be traced or a node cannot
     be linearized.
+
+    The fx graph is traced once per model and reused by later builds while the module tree,
+    the train/eval flags and the non-tensor inputs stay the same (``cache_trace=False`` or
+    :func:`clear_trace_cache` after changing a Python attribute that ``forward`` branches on).
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
-    graph = _trace(model, inputs)
+    graph = _trace(model, inputs, cache=cache_trace)
     return _Builder(model, graph, inputs, ops).build()
 
 
@@ -399,7 +434,7 @@ class _Builder:
         skip: set[Node] = set()
         for n in nodes:
             act = self._activation(n)
-            src = n.args[0] if n.args else None
+            src = _arg(n, 0, "input")
             if (act is not None and n in live and isinstance(src, Node)
                     and self._is_linear(src) and len(src.users) == 1):
                 self.fused[n] = src
@@ -622,7 +657,7 @@ class _Builder:
             return
         act = self._activation(node)
         if act is not None:
-            x, x_slot = self._src(node.args[0])
+            x, x_slot = self._src(_arg(node, 0, "input"))
             if x_slot is not None:
                 value, dact = act.forward(x, owned=False)
                 self._add(node, ElementwiseStep(x_slot, dact), value)

@@ -16,6 +16,7 @@ per-node double-backward linearization (correct for anything autograd can differ
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Cot = Any  # a Tensor, a tuple of (Tensor | None) for tuple-valued nodes, or None
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Scaled-dot-product attention through its math backend, which has a double backward and
+    forward AD (the fused CPU/GPU kernels have neither)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -123,14 +134,15 @@ class LinearStep(Step):
         self.out_features = weight.shape[0]
 
     def jvp(self, dots):
-        xd = None if self.xp is None else dots[self.xp].reshape(-1, self.in_features)
+        xd = (None if self.xp is None
+              else dots[self.xp].reshape(-1, self.in_features).contiguous())
         wd = None if self.wp is None else dots[self.wp]
         bd = None if self.bp is None else dots[self.bp]
         out = self.ops.linear_jvp(self.x2, xd, self.weight, wd, bd, self.dact)
         return out.view(self.out_shape)
 
     def vjp(self, g):
-        g2 = g.reshape(-1, self.out_features)
+        g2 = g.reshape(-1, self.out_features).contiguous()
         gx, gw, gb = self.ops.linear_vjp(self.x2, self.weight, g2, self.dact,
                                          self.xp is not None, self.wp is not None,
                                          self.bp is not None)
@@ -157,14 +169,14 @@ class LayerNormStep(Step):
         self.d = xhat.shape[1]
 
     def jvp(self, dots):
-        xd = None if self.xp is None else dots[self.xp].reshape(-1, self.d)
+        xd = None if self.xp is None else dots[self.xp].reshape(-1, self.d).contiguous()
         wd = None if self.wp is None else dots[self.wp].reshape(-1)
         bd = None if self.bp is None else dots[self.bp].reshape(-1)
         out = self.ops.layernorm_jvp(self.xhat, self.rstd, xd, self.weight, wd, bd)
         return out.view(self.x_shape)
 
     def vjp(self, g):
-        g2 = g.reshape(-1, self.d)
+        g2 = g.reshape(-1, self.d).contiguous()
         gx, gw, gb = self.ops.layernorm_vjp(self.xhat, self.rstd, g2, self.weight,
                                             self.xp is not None, self.wp is not None,
                                             self.bp is not None)
@@ -397,15 +409,18 @@ class AutogradStep(Step):
     dummy cotangent ``u`` then gives ``Jᵀu`` as a graph linear in ``u``. VJP: backward through
     the retained graph. JVP: the double-backward (R-operator) trick ``J v = ∂⟨Jᵀu, v⟩/∂u`` — no
     further forward of the op. If the op has no double backward, the JVP falls back to
-    :func:`torch.func.jvp` (which evaluates the op again in forward mode).
+    :func:`torch.func.jvp` (which evaluates the op again in forward mode). Attention inside
+    runs through the math backend of scaled-dot-product attention (the fused kernels have no
+    double backward).
     """
 
     def __init__(self, slots: Sequence[int], fn: Callable[..., Any],
                  primals: Sequence[Tensor]) -> None:
         self.in_slots = tuple(slots)
-        self.fn = None
-        self.primals: tuple[Tensor, ...] = ()
-        with torch.enable_grad():
+        self.fn = fn
+        self.primals = tuple(p.detach() for p in primals)
+        self.forward_mode = False  # True: JVP by torch.func.jvp (no double backward)
+        with torch.enable_grad(), _math_attention():
             leaves = [p.detach().requires_grad_() for p in primals]
             value = fn(*leaves)
         outs, self.is_tuple = _as_tuple(value)
@@ -426,12 +441,13 @@ class AutogradStep(Step):
                 self.u = [torch.zeros_like(o, requires_grad=True) for o in self.outs]
                 grads = torch.autograd.grad(self.outs, leaves, self.u, create_graph=True,
                                             allow_unused=True)
-            self.lin = [(k, gr) for k, gr in enumerate(grads)
-                        if gr is not None and gr.requires_grad]
+            self.lin = [(k, gr) for k, gr in enumerate(grads) if gr is not None]
+            # Jᵀu is linear in u, so it requires grad unless the backward is not differentiable
+            self.forward_mode = any(not gr.requires_grad for _, gr in self.lin)
         except RuntimeError:
-            # no double backward for some op inside: JVP by forward mode instead
-            self.fn = fn
-            self.primals = tuple(p.detach() for p in primals)
+            self.forward_mode = True
+        if self.forward_mode:
+            self.lin, self.u = [], []
 
     def _zeros_out(self, i: int) -> Tensor:
         return torch.zeros_like(self.outs[i])
@@ -445,17 +461,23 @@ class AutogradStep(Step):
         return tuple(full)
 
     def jvp(self, dots):
-        if self.fn is not None:
+        if not self.forward_mode:
+            if not self.lin:
+                return self._pack([self._zeros_out(i) for i in range(len(self.outs))])
+            try:
+                with torch.enable_grad():
+                    res = torch.autograd.grad([gr for _, gr in self.lin], self.u,
+                                              [dots[k] for k, _ in self.lin],
+                                              retain_graph=True, allow_unused=True)
+            except RuntimeError:  # e.g. a backward marked once_differentiable
+                self.forward_mode = True
+            else:
+                return self._pack([self._zeros_out(i) if r is None else r
+                                   for i, r in enumerate(res)])
+        with _math_attention():
             _, t = torch.func.jvp(self.fn, self.primals, tuple(dots))
-            ts, _ = _as_tuple(t)
-            return self._pack([ts[i] for i in self.diff])
-        if not self.lin:
-            return self._pack([self._zeros_out(i) for i in range(len(self.outs))])
-        with torch.enable_grad():
-            res = torch.autograd.grad([gr for _, gr in self.lin], self.u,
-                                      [dots[k] for k, _ in self.lin], retain_graph=True,
-                                      allow_unused=True)
-        return self._pack([self._zeros_out(i) if r is None else r for i, r in enumerate(res)])
+        ts, _ = _as_tuple(t)
+        return self._pack([ts[i] for i in self.diff])
 
     def vjp(self, g):
         gs = g if self.is_tuple else (g,)

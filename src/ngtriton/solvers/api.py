@@ -49,7 +49,11 @@ def _pick(method: str, R: int, P: int, have_b: bool, lam: float, have_x0: bool) 
     if method == "lsqr":
         return "lsmr"
     if method == "dual":
-        return "dual-direct" if R <= DUAL_DIRECT_MAX_ROWS else "dual-krylov"
+        if R <= DUAL_DIRECT_MAX_ROWS:
+            return "dual-direct"
+        # At λ = 0 with R > P the sample-space system is singular and, in general, inconsistent:
+        # LSMR on the factor searches the same Krylov space and stays stable there.
+        return "dual-krylov" if lam > 0 or R <= P else "lsmr"
     return method
 
 
@@ -73,12 +77,13 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
             range(F); its ``residual`` is then ``‖M(rhs − Mx)‖/‖M rhs‖``. ``"lsqr"`` is an
             alias of ``"lsmr"``.
             ``"dual-direct"``: eigh of ``AAᵀ`` (R × R); ``"dual-krylov"``: MINRES on
-            ``AAᵀ + λI`` (needs ``b``); ``"dual"``: direct when R ≤ ``DUAL_DIRECT_MAX_ROWS``,
-            else Krylov.
+            ``AAᵀ + λI`` (needs ``b``; at λ = 0 also R ≤ P, and LSMR on ``A`` runs, the same
+            Krylov space, see :func:`~ngtriton.solvers.dual_krylov`); ``"dual"``: direct when
+            R ≤ ``DUAL_DIRECT_MAX_ROWS``, else Krylov (LSMR at λ = 0 when R > P).
             ``"auto"``: ``"cg"`` when ``x0`` is given; else dual-direct when R ≤ 512 and R ≤ P;
             else ``"lsmr"`` when ``b`` exists or λ = 0, else ``"minres"``.
         tol, atol: stop when the relative residual ≤ ``max(tol, atol/‖rhs‖)``.
-        maxiter: iteration cap (default: the system's dimension, at most 10 000).
+        maxiter: iteration cap (default: twice the system's dimension + 10, at most 10 000).
         x0: warm start (flat or list), for ``"cg"``/``"minres"`` only. At λ = 0 it gives up the
             minimum-norm property (a warning says so).
         check_every: read the stopping test on the host every ``check_every`` iterations (on
@@ -126,6 +131,10 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
             raise ValueError(f"method: {method!r} (dual Krylov) needs the gradient factor b, "
                              "i.e. rhs=None and op.gradient_factor() not None; use 'minres' "
                              "or 'dual-direct'")
+        if lam == 0 and R > P:
+            raise ValueError(f"method: 'dual-krylov' at damping 0 needs R ≤ P (here R = {R} "
+                             f"rows > P = {P}): the sample-space system is then singular and "
+                             "inconsistent; use 'lsmr' or 'dual-direct'")
         result = dual_krylov(op, b, rhs=g, **kw)
     if as_list:
         result.x = op.unflatten(result.x)

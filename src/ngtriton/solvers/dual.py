@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _vecops as vo
+from .lsmr import lsmr
 from .minres import minres
 from .result import SolveResult, trivial_result
 
@@ -77,24 +78,31 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
 def dual_krylov(op: Any, b: Tensor, *, rhs: Tensor | None = None, tol: float = 1e-6,
                 atol: float = 0.0, maxiter: int | None = None, check_every: int = 1
                 ) -> SolveResult:
-    """MINRES on ``(K + λI) y = b`` with ``K y = A(Aᵀy)``, then ``n = Aᵀ y``.
+    """MINRES on ``(K + λI) y = b`` with ``K y = A(Aᵀy)``, then ``n = Aᵀ y`` (λ > 0).
 
-    A singular K is fine: any least-squares ``y`` gives the same ``n`` (MINRES also stops, as
-    converged, once ``y`` is a least-squares solution). ``history`` and the stopping test are in
-    the dual sense, ``‖b − (K+λ)y‖/‖b‖``; the reported ``residual`` is the primal one,
-    ``‖rhs − (F+λI)n‖/‖rhs‖`` with ``rhs = Aᵀb``, computed explicitly (one more product).
+    ``history`` and the stopping test are then in the dual sense, ``‖b − (K+λ)y‖/‖b‖``. At
+    λ = 0, K may be singular with ``b ∉ range(K)`` (R > rank A), where MINRES is unstable; the
+    same Krylov space is then searched by LSMR on ``A`` (``n = A⁺b = AᵀK⁺b``, same cost per
+    iteration), whose history is the primal normal-equation residual. Either way the reported
+    ``residual`` is the primal ``‖rhs − (F+λI)n‖/‖rhs‖`` with ``rhs = Aᵀb``, computed
+    explicitly (one more product).
     """
     lam = float(op.damping)
+    if rhs is None:
+        rhs = op.factor_rmatvec(b)
+    if lam == 0:
+        res = lsmr(op.factor_matvec, op.factor_rmatvec, b, tol=tol, atol=atol, maxiter=maxiter,
+                   check_every=check_every)
+        res.residual = _relres(op, rhs, res.x)
+        res.method = "dual-krylov"
+        return res
 
     def kmv(y: Tensor) -> Tensor:
         out = op.factor_matvec(op.factor_rmatvec(y))
         return out.add_(y, alpha=lam) if lam else out
 
-    inner = minres(kmv, b, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
-                   lstsq=True)
+    inner = minres(kmv, b, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every)
     x = op.factor_rmatvec(inner.x)
-    if rhs is None:
-        rhs = op.factor_rmatvec(b)
     inner.x = x
     inner.residual = _relres(op, rhs, x)
     inner.method = "dual-krylov"

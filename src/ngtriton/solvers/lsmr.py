@@ -107,7 +107,7 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
         vo.update_direction(h, v, -c3)
         norma2 = norma2 + beta * beta + alpha * alpha
         norma = norma2.sqrt()
-        exhausted = (beta <= eps * norma) | (alpha <= eps * norma)
+        exhausted = finb & fina & ((beta <= eps * norma) | (alpha <= eps * norma))
         if mon.record(ok, zetabar.abs() / normar0, exhausted):
             break
     return mon.result(x, "lsmr")

@@ -29,11 +29,12 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
     returns ``M⁺ b``. ``residual``/``history`` are ``‖b − Mx‖/‖b‖`` from the recurrence. Stops
     when it is ``≤ max(tol, atol/‖b‖)``; when the next Lanczos coefficient vanishes
     (``β ≤ 10·eps·‖T‖``, or a pivot ``γ`` that small: the Krylov space is exhausted, the
-    iterate is then the least-squares solution in it); on non-finite scalars or a zero pivot (breakdown, iterate frozen, never
-    NaN); or after ``maxiter`` iterations (default ``min(n, 10_000)``).
+    iterate is then the least-squares solution in it); on non-finite scalars (breakdown, iterate
+    frozen, never NaN); or after ``maxiter`` iterations (default ``min(n, 10_000)``).
 
     ``lstsq=True`` also stops, as converged, when ``‖M r‖ ≤ tol·‖M‖·‖r‖`` (a least-squares
-    solution of an inconsistent system has been reached). ``check_every``: as in :func:`cg`.
+    solution of an inconsistent system has been reached; ``residual`` then stays large).
+    ``check_every``: as in :func:`~ngtriton.solvers.cg`.
     """
     b = check_vector(b, "b")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
@@ -89,7 +90,11 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
         # gamma ≈ 0: T_k is singular and the Krylov space exhausted (b ∉ range(M)); the
         # previous iterate is the least-squares solution in it, so stop without this step
         singular = gamma <= 10 * eps * anorm
+        # lstsq: ‖M r‖ small relative to ‖M‖‖r‖ for the previous iterate, which is kept
+        ls = fin & (arnorm <= mon.threshold * anorm * phibar) if lstsq else None
         ok = mon.running & fin & (gamma > tiny) & ~singular
+        if ls is not None:
+            ok = ok & ~ls
         gamma_s = torch.where(ok, gamma, 1)
         cs = torch.where(ok, gbar / gamma_s, cs)
         sn = torch.where(ok, beta / gamma_s, sn)
@@ -97,10 +102,8 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
         denom = torch.where(ok, 1 / gamma_s, 0)
         w = vo.minres_update(x, v, w1, w2, oldeps, delta, denom, phi)
         w1, w2 = w2, w
-        phibar_old = phibar
         phibar = torch.where(ok, sn * phibar, phibar)
-        exhausted = singular | (beta <= 10 * eps * anorm)
-        ls = (arnorm <= mon.threshold * anorm * phibar_old) if lstsq else None
+        exhausted = fin & (singular | (beta <= 10 * eps * anorm))
         if mon.record(ok, phibar / bnorm, exhausted, ls):
             break
     return mon.result(x, "minres")

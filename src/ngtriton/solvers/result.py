@@ -82,7 +82,8 @@ def check_vector(v: Any, name: str, length: int | None = None) -> Tensor:
 
 
 def default_maxiter(maxiter: int | None, n: int) -> int:
-    return min(n, MAXITER_CAP) if maxiter is None else maxiter
+    """Twice the Krylov space's dimension (+10): rounding slows Krylov methods past n steps."""
+    return min(2 * n + 10, MAXITER_CAP) if maxiter is None else maxiter
 
 
 def trivial_result(x: Tensor, method: str, reason: str = "zero rhs", residual: float = 0.0
@@ -119,15 +120,16 @@ class Monitor:
         """Book one iteration; returns True when the host knows the loop can stop.
 
         ``exhausted`` ends the loop (after this step if ``ok``, else without it) with reason
-        "krylov space exhausted"; a refused step (``ok`` False) otherwise means "breakdown".
+        "krylov space exhausted"; ``also_converged`` likewise with reason "converged" (the
+        caller refuses the step when the previous iterate is the answer); a refused step
+        (``ok`` False) otherwise means "breakdown".
         """
         ok = ok & self.running & torch.isfinite(res)
         self.res = torch.where(ok, res, self.res)
         self.iters = self.iters + ok.to(torch.int64)
-        conv = res <= self.threshold
+        conv = ok & (res <= self.threshold)
         if also_converged is not None:
-            conv = conv | also_converged
-        conv = ok & conv
+            conv = conv | (self.running & also_converged)
         exh = torch.zeros_like(ok) if exhausted is None else self.running & ~conv & exhausted
         broke = self.running & ~ok & ~exh
         self.code = torch.where(conv, _CONVERGED, torch.where(
