@@ -28,7 +28,7 @@ from ngtriton.linearize import ops_torch
 from ngtriton.linearize.engine import build_engine
 
 GROUP = "engine-256x512x512x10-b512-float32-cpu"
-ROUNDS = 40
+ROUNDS = 25
 _MEDIANS: dict[str, float] = {}
 
 
@@ -47,7 +47,7 @@ def problem():
     return model, x, y, step
 
 
-def _interleaved_ratio(fn, ref, pairs: int = 15) -> float:
+def _interleaved_ratio(fn, ref, pairs: int = 10) -> float:
     ratios = []
     for _ in range(pairs):
         t0 = time.perf_counter()

@@ -16,6 +16,8 @@ Run: ``pytest benchmarks/bench_fisher.py`` (``--benchmark-json`` to keep the num
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ def make_mlp(width: int, dtype: torch.dtype) -> tuple[nn.Module, list[int]]:
     """CPU: the MLP 256-512-512-10 of the issues; CUDA: L = 4 layers of ``width``."""
     dims = [256, 512, 512, 10] if not CUDA else [width] * 4 + [10]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
             layers.append(nn.Tanh())
@@ -146,7 +148,7 @@ def _output_fvp(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def test_torch_func_jvp_vjp_uncached(benchmark, problem):
-    model, x, y, group = problem
+    model, x, _, group = problem
     f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
 
@@ -159,7 +161,7 @@ def test_torch_func_jvp_vjp_uncached(benchmark, problem):
 
 
 def test_torch_func_linearize_cached(benchmark, problem):
-    model, x, y, group = problem
+    model, x, _, group = problem
     f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
     z, jvp_fn = linearize(f, *params)
@@ -169,7 +171,7 @@ def test_torch_func_linearize_cached(benchmark, problem):
 
 @pytest.mark.skipif(not CUDA, reason="torch.compile baseline only on CUDA")
 def test_torch_func_linearize_compiled(benchmark, problem):
-    model, x, y, group = problem
+    model, x, _, group = problem
     f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
     z, jvp_fn = linearize(f, *params)

@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ngtriton import NGD
 from ngtriton.demo import evaluate, load_digits_data, make_mlp
-from ngtriton.optim import NGD
 
 
 def main(epochs: int = 3, batch_size: int = 256, use_ngd: bool = True) -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ngtriton.optim import NGD
+from ngtriton import NGD
 
 
 def two_moons(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from ngtriton import NGD
 from ngtriton.demo import load_digits_data, make_mlp
-from ngtriton.optim import NGD
 
 OPTIONS = {"warm_start": True, "curvature_fraction": 0.5}
 

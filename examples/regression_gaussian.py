@@ -14,7 +14,7 @@ import sys
 import torch
 from torch import nn
 
-from ngtriton.optim import NGD
+from ngtriton import NGD
 
 
 def main(steps: int = 50, n: int = 256) -> dict[str, float]:

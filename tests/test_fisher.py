@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import dense_fisher
 from torch import nn
 
 from ngtriton import FisherOperator
-from oracles import dense_fisher
 
 LIKELIHOODS = ["categorical", "gaussian", "bernoulli"]
 BACKENDS = ["torch", "autograd"]

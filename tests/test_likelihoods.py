@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import per_example_nll
 from torch.func import grad, hessian
 
 from ngtriton import FisherOperator, Likelihood
 from ngtriton.likelihoods import get_likelihood
-from oracles import per_example_nll
 
 N, M = 7, 4
 

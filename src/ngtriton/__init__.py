@@ -8,6 +8,7 @@ from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
 from .linearize import linearize
 from .natgrad import natural_gradient
+from .optim import NGD, NGDStats
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -15,11 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "FISHER_TYPES",
     "LIKELIHOODS",
+    "NGD",
     "Bernoulli",
     "Categorical",
     "FisherOperator",
     "Gaussian",
     "Likelihood",
+    "NGDStats",
     "SolveResult",
     "linearize",
     "natural_gradient",

@@ -44,7 +44,7 @@ def check_damping(damping: float) -> float:
 
 
 def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
-    """Trainable parameters of ``model``; errors name ``model`` or ``inputs`` when they do not fit."""
+    """Trainable parameters of ``model``; errors name ``model`` or ``inputs`` if they do not fit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]

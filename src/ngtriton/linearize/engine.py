@@ -367,6 +367,7 @@ class _Builder:
         self.slots: dict[Node, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
+        self.fused: dict[Node, Node] = {}  # activation node -> the Linear node fused into it
 
     # -- small helpers ------------------------------------------------------------------------
     def _val(self, a: Any) -> Any:
@@ -430,7 +431,6 @@ class _Builder:
             if n not in live:
                 live.add(n)
                 stack.extend(n.all_input_nodes)
-        self.fused: dict[Node, Node] = {}  # activation node -> linear node fused into it
         skip: set[Node] = set()
         for n in nodes:
             act = self._activation(n)

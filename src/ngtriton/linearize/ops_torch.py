@@ -47,7 +47,7 @@ def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
 
 def layernorm_jvp(xhat: Tensor, rstd: Tensor, x_dot: Tensor | None, weight: Tensor | None,
                   weight_dot: Tensor | None, bias_dot: Tensor | None) -> Tensor:
-    """Tangent of LayerNorm over the last dimension; ``xhat`` normalised input, ``rstd`` (rows, 1)."""
+    """Tangent of LayerNorm over the last dim; ``xhat`` the normalised input, ``rstd`` (rows, 1)."""
     out = None
     if x_dot is not None:
         mean_dot = x_dot.mean(-1, keepdim=True)
