@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .likelihoods import Likelihood, get_likelihood
-from .linearize import Linearization, linearize
+from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
+from .linearize import Linearization, linearize, resolve_backend
 
 FISHER_TYPES = ("exact", "mc", "empirical")
 
@@ -30,6 +30,19 @@ Vector = Tensor | Sequence[Tensor]
 
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
+def output_kernels(likelihood: Likelihood, backend: str) -> tuple[Any, Any, Any] | None:
+    """The Triton output-Fisher kernels ``(F_R v, Lᵀ v, L u)`` for a built-in likelihood."""
+    if backend != "triton":
+        return None
+    from .kernels import output as ko
+
+    if type(likelihood) is Categorical:
+        return ko.categorical_fvp, ko.categorical_factor_t, ko.categorical_factor
+    if type(likelihood) is Bernoulli:
+        return ko.bernoulli_fvp, ko.bernoulli_factor, ko.bernoulli_factor
+    return None
 
 
 def check_damping(damping: float) -> float:
@@ -104,7 +117,9 @@ class FisherOperator:
         self.num_params = sum(self._sizes)
         self.dtype, self.device = params[0].dtype, params[0].device
 
-        self.linearization: Linearization = linearize(model, inputs, backend)
+        self.backend = resolve_backend(backend, self.device)
+        self.linearization: Linearization = linearize(model, inputs, self.backend)
+        self._kernels = output_kernels(self.likelihood, self.backend)
         out = self.linearization.outputs
         self._out_shape = out.shape
         outputs = out.reshape(-1, 1) if out.ndim == 1 else out.reshape(-1, out.shape[-1])
@@ -169,19 +184,25 @@ class FisherOperator:
         return self.flatten(self.linearization.vjp(w.reshape(self._out_shape)))
 
     def _fvp_outputs(self, u: Tensor) -> Tensor:
-        if self._dense_factor is None:
-            return self.likelihood.fvp(self._state, u)
-        return self._factor(self._factor_t(u))
+        if self._dense_factor is not None:
+            return self._factor(self._factor_t(u))
+        if self._kernels is not None:
+            return self._kernels[0](self._state, u)
+        return self.likelihood.fvp(self._state, u)
 
     def _factor_t(self, v: Tensor) -> Tensor:
-        if self._dense_factor is None:
-            return self.likelihood.factor_t(self._state, v)
-        return torch.einsum("nmk,nm->nk", self._dense_factor, v)
+        if self._dense_factor is not None:
+            return torch.einsum("nmk,nm->nk", self._dense_factor, v)
+        if self._kernels is not None:
+            return self._kernels[1](self._state, v)
+        return self.likelihood.factor_t(self._state, v)
 
     def _factor(self, u: Tensor) -> Tensor:
-        if self._dense_factor is None:
-            return self.likelihood.factor(self._state, u)
-        return torch.einsum("nmk,nk->nm", self._dense_factor, u)
+        if self._dense_factor is not None:
+            return torch.einsum("nmk,nk->nm", self._dense_factor, u)
+        if self._kernels is not None:
+            return self._kernels[2](self._state, u)
+        return self.likelihood.factor(self._state, u)
 
     # --- products on flat vectors (the solvers' interface) ------------------------------------
     def fisher_matvec(self, v: Tensor) -> Tensor:

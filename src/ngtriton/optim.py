@@ -39,8 +39,12 @@ class NGDStats:
     """Diagnostics of one :meth:`NGD.step` (``opt.last_stats``; ``opt.history``: as dicts).
 
     ``reason`` is ``"accepted"``, ``"rejected"`` (the trial loss was higher: parameters restored),
-    ``"nonfinite_loss"``, ``"nonfinite_grad"``, ``"nonfinite_solution"``, ``"nonfinite_step"`` or
-    ``"nonfinite_curvature"`` (the step was skipped; nothing reached the parameters).
+    or, for a step skipped because a value was not finite (nothing reached the parameters; counted
+    in ``skipped_total``): ``"nonfinite_loss"`` (the closure's loss), ``"nonfinite_grad"`` (the
+    parameters' ``.grad``), ``"nonfinite_curvature"`` (a Fisher product, or the quadratic model
+    built from one), ``"nonfinite_solution"`` (the solver's result), ``"nonfinite_step"``
+    (``lr·n`` or ``θ − lr·n`` overflowed) or ``"nonfinite_trial_loss"`` (the loss at the trial
+    point; the parameters were restored).
     """
 
     step: int
@@ -77,6 +81,53 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False, upper: float |
         extra = f" and ≤ {upper:g}" if upper is not None else ""
         raise ValueError(f"{name}: expected a finite number {bound}{extra}, got {value!r}")
     return value
+
+
+NONFINITE_MODES = ("skip", "raise")
+
+# Where the damping restarts when a bad step must raise it from exactly 0 (damping_floor = 0).
+_RESTART_DAMPING = DEFAULT_DAMPING_FLOOR
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by ``NGD(..., nonfinite="raise")`` when a step meets a non-finite value.
+
+    It is raised after the step's bookkeeping (``skipped_total``, the raised damping, the
+    ``history`` entry) with every parameter bit for bit as before the step. ``reason`` is the
+    :class:`NGDStats` reason (``"nonfinite_loss"``, ``"nonfinite_grad"``, ...), ``what`` names the
+    non-finite quantity (``"loss"``, ``"gradient"``, ``"Fisher product"``, ...), ``step`` the
+    optimizer's step count.
+    """
+
+    def __init__(self, message: str, *, reason: str, what: str, step: int) -> None:
+        super().__init__(message)
+        self.reason, self.what, self.step = reason, what, step
+
+
+class _GuardedOperator:
+    """A :class:`FisherOperator` whose products record (on the device, without a host sync)
+    whether any of them turned a finite vector into a non-finite one."""
+
+    PRODUCTS = frozenset({"fisher_matvec", "damped_matvec", "factor_matvec", "factor_rmatvec",
+                          "factor_matmat", "factor_rmatmat"})
+
+    def __init__(self, op: FisherOperator) -> None:
+        self._op = op
+        self.bad = torch.zeros((), dtype=torch.bool, device=op.device)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._op, name)
+        if name not in self.PRODUCTS:
+            return attr
+
+        def product(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            out = attr(v, *args, **kwargs)
+            self.bad = self.bad | (torch.isfinite(v).all() & ~torch.isfinite(out).all())
+            return out
+        return product
+
+    def any_bad(self) -> bool:
+        return bool(self.bad)
 
 
 class _BoundKwargs(nn.Module):
@@ -131,8 +182,13 @@ class NGD(torch.optim.Optimizer):
     bit for bit and the damping raised. The parameters' ``.grad`` after :meth:`step` is the
     gradient of the first closure call.
 
-    **Non-finite values** (loss, gradient, solution, step or curvature) never reach the
-    parameters: the step is skipped, the damping raised, and ``skipped_total`` counts it.
+    **Non-finite values** (loss, gradient, a Fisher product, solution, step, trial loss) never
+    reach the parameters: every parameter stays bit for bit as it was, the damping is raised (when
+    adaptive; from 0 it restarts at 1e-4), ``skipped_total`` and ``last_stats.reason`` record the
+    event, and with ``nonfinite="raise"`` a :class:`NonFiniteError` (a ``FloatingPointError``)
+    naming the quantity is raised after that bookkeeping. Any other exception raised during a step
+    (a bad argument, an error in the closure) leaves the parameters and the optimizer's state
+    (damping, counters, generator, history) as they were before the call.
 
     Args:
         model: the network to optimise (needed to linearize it).
@@ -157,6 +213,8 @@ class NGD(torch.optim.Optimizer):
         mc_samples: sampled labels per example for ``fisher="mc"``.
         seed: seed of the generator for the subsample and Monte-Carlo labels.
         keep_history: append every step's statistics to ``opt.history``.
+        nonfinite: ``"skip"`` (default: skip the step and go on) or ``"raise"`` (also raise a
+            :class:`NonFiniteError`).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = DEFAULT_DAMPING,
@@ -170,7 +228,7 @@ class NGD(torch.optim.Optimizer):
                  warm_start: bool = False, warm_start_decay: float = 0.95,
                  curvature_fraction: float = 1.0, reject_steps: bool = True,
                  backend: str = "auto", mc_samples: int = 1, seed: int = 0,
-                 keep_history: bool = True) -> None:
+                 keep_history: bool = True, nonfinite: str = "skip") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -186,6 +244,9 @@ class NGD(torch.optim.Optimizer):
             raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        if not isinstance(nonfinite, str) or nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite: expected one of {list(NONFINITE_MODES)}, "
+                             f"got {nonfinite!r}")
         floor = _positive("damping_floor", damping_floor, allow_zero=True)
         ceiling = _positive("damping_ceiling", damping_ceiling)
         if ceiling < floor:
@@ -213,15 +274,9 @@ class NGD(torch.optim.Optimizer):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
 
         defaults = {"lr": lr, "weight_decay": weight_decay}
+        # add_param_group (called by torch's __init__) checks every group against these.
+        self._model_param_ids = {id(p) for p in trainable}
         super().__init__(trainable if params is None else params, defaults)
-        ids = {id(p) for p in trainable}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in ids:
-                    raise ValueError("params: every parameter must be a trainable parameter of "
-                                     "model (the Fisher is taken over model.parameters())")
-            _positive("lr", group["lr"])
-            _positive("weight_decay", group["weight_decay"], allow_zero=True)
 
         self.model = model
         self.fisher = fisher
@@ -236,7 +291,9 @@ class NGD(torch.optim.Optimizer):
         self.reject_steps = bool(reject_steps)
         self.mc_samples = mc_samples
         self.keep_history = bool(keep_history)
+        self.nonfinite = nonfinite
         self._trainable = trainable
+        self._names = {id(p): name for name, p in model.named_parameters()}
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
         # Optimizer-wide state (what state_dict() must carry beyond the per-parameter state).
@@ -247,12 +304,48 @@ class NGD(torch.optim.Optimizer):
         self.last_stats: NGDStats | None = None
         self.history: list[dict[str, Any]] = []
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, plus NGD's checks: parameters of ``model``, ``lr`` > 0
+        and ``weight_decay`` ≥ 0 (errors name the argument; the group is not added)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if id(p) not in self._model_param_ids:
+                    raise ValueError("params: every parameter must be a trainable parameter of "
+                                     "model (the Fisher is taken over model.parameters())")
+            _positive("lr", group["lr"])
+            _positive("weight_decay", group["weight_decay"], allow_zero=True)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The model's inputs must live on its device and, when floating, share its dtype."""
+        ref = self._trainable[0]
+        same_dtype = all(p.dtype == ref.dtype for p in self._trainable)
+        same_device = all(p.device == ref.device for p in self._trainable)
+        named = [(f"inputs[{i}]", a) for i, a in enumerate(args)]
+        named += [(f"inputs[{k!r}]", v) for k, v in kwargs.items()]
+        for name, x in named:
+            if not isinstance(x, Tensor):
+                continue
+            if same_device and x.ndim > 0 and x.device != ref.device:
+                raise ValueError(f"{name}: the model was called (in the closure) with a tensor "
+                                 f"on device {x.device}, but its parameters are on {ref.device}; "
+                                 f"move the batch with .to({str(ref.device)!r})")
+            if same_dtype and x.is_floating_point() and x.dtype != ref.dtype:
+                raise ValueError(f"{name}: the model was called (in the closure) with dtype "
+                                 f"{x.dtype}, but its parameters are {ref.dtype}; floating-point "
+                                 f"inputs must be {ref.dtype}")
+
     # --- the closure's forward ---
     def _run_closure(self, closure: Callable[[], Any]) -> tuple[Any, tuple, dict]:
         captured: dict[str, Any] = {}
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if "args" not in captured:
+                self._check_inputs(args, kwargs)
                 captured["args"], captured["kwargs"] = args, dict(kwargs)
 
         handle = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -280,8 +373,11 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any]) -> float:
-        """The closure's loss at the current parameters, at the cost of about one forward."""
+    def _evaluate(self, closure: Callable[[], Any]) -> float | None:
+        """The closure's loss at the current parameters, at the cost of about one forward.
+
+        None when the closure cannot run in evaluation mode (its backward reaches nothing).
+        """
         saved_grads = [p.grad for p in self._trainable]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
@@ -295,13 +391,13 @@ class NGD(torch.optim.Optimizer):
             for p, _ in flags:
                 p.requires_grad_(False)
             with torch.enable_grad():
-                value = self._loss_value(closure())
+                value: float | None = self._loss_value(closure())
         except (ValueError, TypeError):
             raise
         except RuntimeError as err:  # e.g. a backward through a non-differentiable head
             if "does not require grad" not in str(err):
                 raise
-            value = math.nan
+            value = None
         finally:
             handle.remove()
             for p, flag in flags:
@@ -314,25 +410,29 @@ class NGD(torch.optim.Optimizer):
     def _per_param(self, key: str) -> dict[int, float]:
         return {id(p): float(g[key]) for g in self.param_groups for p in g["params"]}
 
-    def _curvature_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _curvature_inputs(self, args: tuple, kwargs: dict, targets: Tensor | None
+                          ) -> tuple[tuple, dict, Tensor | None]:
+        """The curvature subsample: the same random rows of every batched input (and of
+        ``targets``, which must then stay aligned with the inputs)."""
         if self.curvature_fraction >= 1.0:
-            return args, kwargs
+            return args, kwargs, targets
         first = next((a for a in args if isinstance(a, Tensor) and a.ndim > 0), None)
         if first is None:
-            return args, kwargs
+            return args, kwargs, targets
         n = first.shape[0]
         k = max(1, round(self.curvature_fraction * n))
         if k >= n:
-            return args, kwargs
+            return args, kwargs, targets
         idx = torch.randperm(n, generator=self._generator)[:k].to(first.device)
 
         def take(a: Any) -> Any:
-            return a.index_select(0, idx) if isinstance(a, Tensor) and a.ndim > 0 \
+            return a.index_select(0, idx.to(a.device)) if isinstance(a, Tensor) and a.ndim > 0 \
                 and a.shape[0] == n else a
 
-        return tuple(take(a) for a in args), {k_: take(v) for k_, v in kwargs.items()}
+        return (tuple(take(a) for a in args), {k_: take(v) for k_, v in kwargs.items()},
+                take(targets))
 
-    def _resolve_method(self, op: FisherOperator, x0: Tensor | None) -> str:
+    def _resolve_method(self, op: Any, x0: Tensor | None) -> str:
         """``"auto"``: the exact sample-space solve when it costs fewer products than the capped
         Krylov solve (R ≤ 2·maxiter, R ≤ P), else the solver's own choice."""
         if self.method != "auto" or x0 is not None:
@@ -343,19 +443,23 @@ class NGD(torch.optim.Optimizer):
         return "auto"
 
     def _bump_damping(self) -> None:
-        if self.adaptive_damping:
-            self.damping = min(max(self.damping * self.damping_increase, self.damping_floor),
-                               self.damping_ceiling)
+        """Raise λ by ``damping_increase`` (from exactly 0: restart at 1e-4), within bounds."""
+        if not self.adaptive_damping:
+            return
+        lam = self.damping * self.damping_increase
+        if not lam > 0:
+            lam = _RESTART_DAMPING
+        self.damping = min(max(lam, self.damping_floor), self.damping_ceiling)
 
     def _update_damping(self, rho: float) -> None:
         """The Levenberg–Marquardt rule (NaN ρ counts as a bad step)."""
         if not self.adaptive_damping:
             return
         if not rho >= 0.25:
-            self.damping *= self.damping_increase
+            self._bump_damping()
         elif rho > 0.75:
-            self.damping *= self.damping_decrease
-        self.damping = min(max(self.damping, self.damping_floor), self.damping_ceiling)
+            self.damping = min(max(self.damping * self.damping_decrease, self.damping_floor),
+                               self.damping_ceiling)
 
     def _finish(self, stats: dict[str, Any], t0: float) -> None:
         stats.setdefault("next_damping", self.damping)
@@ -365,6 +469,26 @@ class NGD(torch.optim.Optimizer):
         self.last_stats = NGDStats(**stats)
         if self.keep_history:
             self.history.append(asdict(self.last_stats))
+
+    def _skip(self, reason: str, what: str, detail: str, stats: dict[str, Any], t0: float
+              ) -> None:
+        """Book a step skipped for a non-finite value; raise in ``nonfinite="raise"`` mode."""
+        self.skipped_total += 1
+        self._bump_damping()
+        stats["reason"] = reason
+        self._finish(stats, t0)
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"{what}: {detail} at NGD step {self.steps}; the step was skipped and the "
+                f"parameters are unchanged (damping is now {self.damping:g})",
+                reason=reason, what=what, step=self.steps)
+
+    def _describe_inputs(self, args: tuple, kwargs: dict) -> str:
+        bad = [name for name, a in [(f"inputs[{i}]", a) for i, a in enumerate(args)]
+               + [(f"inputs[{k!r}]", v) for k, v in kwargs.items()]
+               if isinstance(a, Tensor) and a.is_floating_point()
+               and not bool(torch.isfinite(a).all())]
+        return f" (the model's {', '.join(bad)} contain NaN or Inf)" if bad else ""
 
     # --- the step ---
     def step(self, closure: Callable[[], Any] | None = None,  # type: ignore[override]
@@ -378,76 +502,129 @@ class NGD(torch.optim.Optimizer):
                             "the model, calls backward() and returns the loss")
         if self.fisher == "empirical" and targets is None:
             raise ValueError("targets: fisher='empirical' needs step(closure, targets=labels)")
+        if targets is not None and not isinstance(targets, Tensor):
+            raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+        # Anything but a non-finite event (booked, then raised on purpose) rolls the state back.
+        saved = (self.steps, self.damping, self.skipped_total, self.rejected_total,
+                 len(self.history), self.last_stats, self._generator.get_state(),
+                 [(p, self.state.get(p, {}).get("warm_start")) for p in self._trainable])
+        try:
+            return self._step(closure, targets)
+        except NonFiniteError:
+            raise
+        except BaseException:
+            (self.steps, self.damping, self.skipped_total, self.rejected_total, n_hist,
+             self.last_stats, gen_state, warm) = saved
+            del self.history[n_hist:]
+            self._generator.set_state(gen_state)
+            for p, w in warm:
+                if w is None:
+                    self.state[p].pop("warm_start", None)
+                else:
+                    self.state[p]["warm_start"] = w
+            raise
+
+    def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
+        loss, args, kwargs = self._run_closure(closure)
+        loss_value = self._loss_value(loss)
+        params = self._trainable
+        if all(p.grad is None for p in params):
+            raise ValueError("closure: no parameter has a .grad after it ran; it must call "
+                             "loss.backward() before returning the loss")
+        lr = self._per_param("lr")
+        for i, group in enumerate(self.param_groups):
+            value = group["lr"]
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"lr: param_groups[{i}]['lr'] must be a finite number ≥ 0 "
+                                 f"(set by a scheduler?), got {value!r}")
         self.steps += 1
         damping = self.damping
         stats: dict[str, Any] = {
-            "step": self.steps, "loss": math.nan, "trial_loss": math.nan, "accepted": False,
+            "step": self.steps, "loss": loss_value, "trial_loss": math.nan, "accepted": False,
             "reason": "", "iterations": 0, "residual": math.nan, "converged": False,
             "method": self.method, "damping": damping, "rho": math.nan,
             "predicted_reduction": math.nan, "actual_reduction": math.nan,
             "grad_norm": math.nan, "step_norm": 0.0}
-
-        def skip(reason: str) -> None:
-            self.skipped_total += 1
-            self._bump_damping()
-            stats["reason"] = reason
-            self._finish(stats, t0)
-
-        loss, args, kwargs = self._run_closure(closure)
-        loss_value = self._loss_value(loss)
-        stats["loss"] = loss_value
         if not math.isfinite(loss_value):
-            skip("nonfinite_loss")
+            self._skip("nonfinite_loss", "loss", f"the closure returned {loss_value}"
+                       + self._describe_inputs(args, kwargs), stats, t0)
             return loss
 
-        params = self._trainable
         decay = self._per_param("weight_decay")
         with torch.no_grad():
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                      for p in params]
-            for p, g in zip(params, grads):
+            bad = [self._names.get(id(p), "?") for p, gr in zip(params, grads)
+                   if not bool(torch.isfinite(gr).all())]
+            for p, gr in zip(params, grads):
                 if decay.get(id(p)):
-                    g.add_(p.detach(), alpha=decay[id(p)])
+                    gr.add_(p.detach(), alpha=decay[id(p)])
             g = torch.cat([t.reshape(-1) for t in grads])
             grad_norm = float(g.norm())
         stats["grad_norm"] = grad_norm
-        if not math.isfinite(grad_norm):
-            skip("nonfinite_grad")
+        if bad or not bool(torch.isfinite(g).all()):
+            where = f"in the .grad of {', '.join(bad)}" if bad else "after weight decay"
+            self._skip("nonfinite_grad", "gradient", f"NaN or Inf {where}", stats, t0)
             return loss
 
-        c_args, c_kwargs = self._curvature_inputs(args, kwargs)
+        c_args, c_kwargs, c_targets = self._curvature_inputs(args, kwargs, targets)
         fisher_model = _BoundKwargs(self.model, c_kwargs) if c_kwargs else self.model
-        op = FisherOperator(fisher_model, c_args, self.likelihood, targets=targets,
-                            fisher=self.fisher, damping=damping, backend=self.backend,
-                            mc_samples=self.mc_samples, generator=self._generator)
+        op = _GuardedOperator(FisherOperator(
+            fisher_model, c_args, self.likelihood, targets=c_targets, fisher=self.fisher,
+            damping=damping, backend=self.backend, mc_samples=self.mc_samples,
+            generator=self._generator))
         x0 = None
         if self.warm_start and damping > 0 and "warm_start" in self.state[params[0]]:
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
-        with torch.no_grad():
-            result = solve(op, g, method=self._resolve_method(op, x0), tol=self.tol,
-                           maxiter=self.maxiter, x0=x0)
+        method = self._resolve_method(op, x0)
+        try:
+            with torch.no_grad():
+                result = solve(op, g, method=method, tol=self.tol, maxiter=self.maxiter, x0=x0)
+        except torch.linalg.LinAlgError:  # e.g. eigh of a kernel matrix holding NaN
+            if not op.any_bad():
+                raise
+            stats["method"] = method
+            self._skip("nonfinite_curvature", "Fisher product",
+                       "NaN or Inf from a Fisher product (the solver failed on it)", stats, t0)
+            return loss
         n = result.x.detach()
         stats.update(iterations=int(result.iterations), residual=float(result.residual),
                      converged=bool(result.converged), method=str(result.method))
+        if op.any_bad():
+            self._skip("nonfinite_curvature", "Fisher product",
+                       f"NaN or Inf from a Fisher product during the {result.method} solve",
+                       stats, t0)
+            return loss
         if not bool(torch.isfinite(n).all()):
-            skip("nonfinite_solution")
+            self._skip("nonfinite_solution", "solution",
+                       f"NaN or Inf in the natural gradient returned by {result.method}",
+                       stats, t0)
             return loss
         if self.warm_start:
             for p, chunk in zip(params, op.unflatten(n)):
                 self.state[p]["warm_start"] = chunk.clone()
 
-        lr = self._per_param("lr")
         in_group = {id(p) for group in self.param_groups for p in group["params"]}
         with torch.no_grad():
             deltas = [(-lr[id(p)] * chunk) if id(p) in in_group else torch.zeros_like(chunk)
                       for p, chunk in zip(params, op.unflatten(n))]
             delta = torch.cat([d.reshape(-1) for d in deltas])
             step_norm = float(delta.norm())
+            new = [p.detach() + d for p, d in zip(params, deltas)]
+            finite = bool(torch.isfinite(delta).all()) and all(
+                bool(torch.isfinite(t).all()) for t in new)
         stats["step_norm"] = step_norm
-        if not math.isfinite(step_norm):
-            skip("nonfinite_step")
+        if not finite or not math.isfinite(step_norm):
+            what = "θ − lr·n" if bool(torch.isfinite(delta).all()) else "lr·n"
+            self._skip("nonfinite_step", "step", f"{what} overflowed (step norm {step_norm:g}, "
+                       f"lr {max(lr.values()):g})", stats, t0)
+            return loss
+        if step_norm == 0.0:  # zero gradient (or lr 0): nothing to try, nothing learned
+            stats.update(accepted=True, reason="accepted")
+            self._finish(stats, t0)
             return loss
 
         evaluate = self.adaptive_damping or self.reject_steps
@@ -458,21 +635,41 @@ class NGD(torch.optim.Optimizer):
                 l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum())
                          for p, d in zip(params, deltas))
                 predicted = float(g.dot(delta)) + 0.5 * (curvature + damping * step_norm**2 + l2)
-            if not math.isfinite(predicted):
-                skip("nonfinite_curvature")
+            if not math.isfinite(predicted) or op.any_bad():
+                self._skip("nonfinite_curvature", "Fisher product",
+                           f"NaN or Inf in the quadratic model (δᵀFδ = {curvature:g})",
+                           stats, t0)
                 return loss
         stats["predicted_reduction"] = predicted
 
         old = [p.detach().clone() for p in params] if evaluate else None
         with torch.no_grad():
-            for p, d in zip(params, deltas):
-                p.add_(d)
-        if not evaluate:
+            for p, t in zip(params, new):
+                p.copy_(t)
+        del new
+        if old is None:
             stats.update(accepted=True, reason="accepted")
             self._finish(stats, t0)
             return loss
 
-        trial = self._evaluate(closure)
+        def restore() -> None:
+            with torch.no_grad():
+                for p, o in zip(params, old):
+                    p.copy_(o)
+
+        try:
+            trial = self._evaluate(closure)
+        except BaseException:
+            restore()
+            raise
+        if trial is not None and not math.isfinite(trial):
+            restore()
+            stats.update(trial_loss=trial, step_norm=0.0)
+            self._skip("nonfinite_trial_loss", "trial loss",
+                       f"the loss at the trial point θ − lr·n is {trial}; the step was undone",
+                       stats, t0)
+            return loss
+        trial = math.nan if trial is None else trial
         with torch.no_grad():
             reg_change = sum(0.5 * decay[id(p)] * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
                              for p, o in zip(params, old) if decay.get(id(p)))
@@ -482,9 +679,7 @@ class NGD(torch.optim.Optimizer):
             rho = math.nan
         stats.update(trial_loss=trial, actual_reduction=actual, rho=rho)
         if self.reject_steps and not actual <= 0:
-            with torch.no_grad():
-                for p, o in zip(params, old):
-                    p.copy_(o)
+            restore()
             self.rejected_total += 1
             stats.update(reason="rejected", step_norm=0.0)
             self._update_damping(-math.inf)

@@ -7,6 +7,8 @@ otherwise). ``ngtriton.kernels.krylov`` provides fused Triton versions with the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,8 +29,24 @@ def norm(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a.to(acc_dtype(a.dtype)))
 
 
+def _fused(x: Tensor) -> Any:
+    """``ngtriton.kernels.krylov`` for CUDA vectors when Triton is there, else None."""
+    if not x.is_cuda:
+        return None
+    from ..kernels import triton_available
+
+    if not triton_available():
+        return None
+    from ..kernels import krylov
+
+    return krylov
+
+
 def cg_update(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor) -> Tensor:
-    """``x += α p`` and ``r −= α Ap`` in place; returns the new ``r·r``."""
+    """``x += α p`` and ``r −= α Ap`` in place; returns the new ``r·r`` (one fused pass on CUDA)."""
+    fused = _fused(x)
+    if fused is not None:
+        return fused.cg_update(x, r, p, Ap, alpha)
     a = alpha.to(x.dtype)
     x.addcmul_(p, a)
     r.addcmul_(Ap, a, value=-1)
@@ -37,6 +55,9 @@ def cg_update(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor) -> Ten
 
 def update_direction(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
     """``p = r + β p`` in place; returns ``p``."""
+    fused = _fused(p)
+    if fused is not None:
+        return fused.update_direction(p, r, beta)
     return p.mul_(beta.to(p.dtype)).add_(r)
 
 

@@ -1,0 +1,87 @@
+"""The Triton engine's whole product against the torch backend (interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ngtriton import FisherOperator, solve
+from ngtriton.kernels import layernorm as k_layernorm
+from ngtriton.kernels import linear as k_linear
+from ngtriton.kernels import output as k_output
+from ngtriton.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (CUDA or interpreter)")
+
+ACTIVATIONS = [nn.Tanh, nn.ReLU, nn.GELU, nn.Sigmoid, nn.SiLU]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+TOL = {torch.float32: (2e-4, 2e-5), torch.float16: (3e-2, 3e-3), torch.bfloat16: (6e-2, 1e-2)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mlp(act, layernorm: bool, m: int, dtype) -> nn.Module:
+    layers = [nn.Linear(12, 16), act(), nn.Linear(16, 16)]
+    if layernorm:
+        layers.append(nn.LayerNorm(16))
+    layers += [act(), nn.Linear(16, m)]
+    return nn.Sequential(*layers).to(DEVICE, dtype)
+
+
+def counting(monkeypatch, module, name, calls):
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    scale = b.float().abs().max().item()
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layernorm", [False, True])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: a.__name__)
+def test_triton_product_matches_torch_backend(act, layernorm, dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = mlp(act, layernorm, 5, dtype)
+    x = torch.randn(20, 12, device=DEVICE, dtype=dtype)
+    y = torch.randint(0, 5, (20,), device=DEVICE)
+    calls: dict[str, int] = {}
+    for mod, name in [(k_linear, "linear_jvp"), (k_linear, "linear_vjp"),
+                      (k_layernorm, "layernorm_jvp"), (k_layernorm, "layernorm_vjp"),
+                      (k_output, "categorical_fvp")]:
+        counting(monkeypatch, mod, name, calls)
+    ref = FisherOperator(model, x, targets=y, backend="torch")
+    assert not calls  # the torch backend never touches the kernels
+    op = FisherOperator(model, x, targets=y, backend="triton")
+    v = torch.randn(op.num_params, device=DEVICE, dtype=dtype) / 4
+    close(op @ v, ref @ v, dtype)
+    close(op.gradient(), ref.gradient(), dtype)
+    u = torch.randn(op.num_rows, device=DEVICE, dtype=dtype)
+    close(op.factor_matvec(v), ref.factor_matvec(v), dtype)
+    close(op.factor_rmatvec(u), ref.factor_rmatvec(u), dtype)
+    expected = {"linear_jvp", "linear_vjp", "categorical_fvp"}
+    if layernorm:
+        expected |= {"layernorm_jvp", "layernorm_vjp"}
+    assert expected <= set(calls), calls
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_triton_other_likelihoods_and_a_solve(likelihood):
+    torch.manual_seed(1)
+    model = mlp(nn.Tanh, False, 3, torch.float32)
+    x = torch.randn(16, 12, device=DEVICE)
+    y = torch.rand(16, 3, device=DEVICE).round()
+    kw = dict(targets=y, damping=1e-2)
+    ref = FisherOperator(model, x, likelihood, backend="torch", **kw)
+    op = FisherOperator(model, x, likelihood, backend="triton", **kw)
+    for method in ("cg", "lsmr"):
+        a = solve(op, method=method, tol=0.0, maxiter=8)
+        b = solve(ref, method=method, tol=0.0, maxiter=8)
+        close(a.x, b.x, torch.float32)
