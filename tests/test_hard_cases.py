@@ -106,3 +106,48 @@ def test_float32_badly_conditioned_is_finite_and_close(method):
     F_ref, g = dense_fisher(m64, x.double(), y, "categorical")
     want = torch.linalg.solve(F_ref + 1e-3 * torch.eye(len(g), dtype=g.dtype), g)
     assert (got.double() - want).norm() / want.norm() < 5e-2
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("method", ["dual-direct", "lsmr"])
+def test_float32_ill_conditioned_factor_keeps_real_directions(method, damping):
+    """Near-duplicate examples make κ(A) ~ 1e4: float32 must keep A's small but real directions."""
+    def mlp(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                             nn.Linear(64, 1)).to(dtype)
+
+    torch.manual_seed(1)
+    x0 = torch.randn(16, 16)
+    x = torch.cat([x0, x0 + 1e-3 * torch.randn(16, 16)])
+    y = torch.randn(32, 1)
+    op64 = FisherOperator(mlp(torch.float64), x.double(), "gaussian", targets=y.double())
+    A = op64.factor_rmatmat(torch.eye(op64.num_rows, dtype=torch.float64)).T  # (R, P)
+    b = op64.gradient_factor()
+    if damping == 0:  # minimum-norm least squares by LAPACK's SVD driver
+        want = torch.linalg.lstsq(A, b[:, None], driver="gelsd").solution[:, 0]
+    else:
+        K = A @ A.T + damping * torch.eye(A.shape[0], dtype=A.dtype)  # Woodbury, in float64
+        want = A.T @ torch.linalg.solve(K, b)
+    op = FisherOperator(mlp(torch.float32), x, "gaussian", targets=y, damping=damping)
+    res = solve(op, method=method, tol=1e-6, maxiter=2000)
+    err = ((res.x.double() - want).norm() / want.norm()).item()
+    assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("method", ["lsmr", "cg", "minres", "dual-direct", "auto"])
+def test_float32_underflowing_probability_does_not_poison_the_factor(method):
+    """p_y underflows in float32: b ~ 1/√p_y cannot be trusted, the solvers must use g instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([0.0, 0.0, -120.0]))  # class 2 all but impossible
+    x = torch.randn(6, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    op = FisherOperator(model, x, targets=y, damping=1e-3)
+    assert op.gradient_factor() is None
+    F_ref, g = dense_fisher(model.double(), x.double(), y, "categorical")
+    want = torch.linalg.solve(F_ref + 1e-3 * torch.eye(len(g), dtype=g.dtype), g)
+    res = solve(op, method=method, maxiter=500)
+    assert res.converged
+    assert ((res.x.double() - want).norm() / want.norm()).item() < 1e-3

@@ -145,6 +145,7 @@ class FisherOperator:
                            else self.likelihood.factor_dim(self.num_outputs))
         self.num_rows = self.num_examples * self.factor_dim
         self._gradient: Tensor | None = None
+        self._gradient_factor: tuple[Tensor | None] | None = None
 
     # --- shapes and conversions -------------------------------------------------------------
     @property
@@ -304,14 +305,28 @@ class FisherOperator:
         return self._gradient
 
     def gradient_factor(self) -> Tensor | None:
-        """A flat ``b`` with ``Aᵀ b = g``, or None when g need not lie in range(Aᵀ) (``"mc"``)."""
+        """A flat ``b`` with ``Aᵀ b = g``, or None when there is none to trust.
+
+        None for ``"mc"`` (g need not lie in range(Aᵀ)), and whenever the likelihood's b does not
+        reproduce g to ``√eps`` (checked once with one VJP): a confidently wrong output has
+        ``b ~ 1/√p`` beyond the dtype's range. Solvers then work with g itself.
+        """
         targets = self._require_targets()
         if self.fisher == "mc":
             return None
-        if self.fisher == "empirical":
-            return torch.full((self.num_rows,), self._scale, dtype=self.dtype, device=self.device)
-        b = self.likelihood.gradient_factor(self._state, self.outputs, targets)
-        return (b * self._scale).reshape(-1)
+        if self._gradient_factor is None:
+            if self.fisher == "empirical":
+                b = torch.full((self.num_rows,), self._scale, dtype=self.dtype,
+                               device=self.device)
+            else:
+                b = self.likelihood.gradient_factor(self._state, self.outputs, targets)
+                b = (b * self._scale).reshape(-1)
+            g = self.gradient()
+            gap = torch.linalg.vector_norm(self.factor_rmatvec(b) - g)
+            bound = torch.finfo(self.dtype).eps ** 0.5 * torch.linalg.vector_norm(g)
+            ok = bool(torch.isfinite(b).all()) and bool(gap <= bound)
+            self._gradient_factor = (b if ok else None,)
+        return self._gradient_factor[0]
 
     # --- dense and scipy views (small models, tests) ---------------------------------------------
     def to_dense(self) -> Tensor:

@@ -763,3 +763,41 @@ def test_linearize_dispatch_uses_engine():
     model = mlp(nn.Tanh).to(F64)
     lin = linearize(model, (torch.randn(3, 5, dtype=F64),), backend="torch")
     assert isinstance(lin, EngineLinearization)
+
+
+class _MutatesSharedValue(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.lin, self.out, self.mode = nn.Linear(4, 6), nn.Linear(6, 3), mode
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.mode == "method":
+            h.mul_(2)
+            return self.out(h)
+        a = torch.nn.functional.relu(h, inplace=True)
+        return self.out(a + h)
+
+
+@pytest.mark.parametrize("mode", ["method", "inplace-kwarg"])
+def test_visible_in_place_mutation_falls_back_to_autograd(mode):
+    from ngtriton.linearize import AutogradLinearization, linearize
+
+    torch.manual_seed(0)
+    model = _MutatesSharedValue(mode).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(EngineUnsupported, match="in place"):
+        build_engine(model, (x,))
+    with pytest.warns(UserWarning, match="in place"):
+        lin = linearize(model, (x,), backend="torch")
+    ref = AutogradLinearization(model, (x,))
+    v = [torch.randn_like(p) for p in model.parameters()]
+    torch.testing.assert_close(lin.outputs, ref.outputs)
+    torch.testing.assert_close(lin.jvp(v), ref.jvp(v))
+
+
+def test_inplace_relu_in_sequential_stays_on_the_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    build_engine(model, (x,))  # the mutated value has no other reader: exact out of place

@@ -39,11 +39,18 @@ def _triton_importable() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def triton_available() -> bool:
-    """True when triton imports and kernels can run: a CUDA device, or ``TRITON_INTERPRET=1``."""
-    if not _triton_importable():
-        return False
-    return torch.cuda.is_available() or interpreting()
+    """True when triton imports and kernels can run: a CUDA device, or ``TRITON_INTERPRET=1``.
+
+    Both facts are read once (the interpreter flag at import, as Triton itself does), so the
+    check costs nothing on the per-product dispatch path.
+    """
+    return _triton_importable() and (_cuda() or INTERPRET)
 
 
 def set_matmul_precision(precision: str) -> None:

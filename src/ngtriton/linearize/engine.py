@@ -192,9 +192,45 @@ def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Gr
         first = msg[0] if msg else ""
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
+    _reject_visible_mutation(graph, model)
     if key is not None:
         _TRACE_CACHE[model] = (key, graph)
     return graph
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ipow, operator.imatmul}
+
+
+def _mutates_first_arg(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` writes into its first argument (``x.mul_``, ``inplace=True``, ``+=``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_")
+                                                     and not name.startswith("__"))
+    if node.op == "call_module":
+        return getattr(model.get_submodule(str(node.target)), "inplace", False) is True
+    return False
+
+
+def _reject_visible_mutation(graph: fx.Graph, model: nn.Module) -> None:
+    """Raise EngineUnsupported when an in-place op changes a value something else reads.
+
+    The engine evaluates every op out of place; that is exact unless the mutated value has
+    another reader (``h.mul_(2); return h``, or ``relu(h, inplace=True) + h``), whose view
+    of it would then differ from eager PyTorch's.
+    """
+    for node in graph.nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if _mutates_first_arg(node, model) and len(node.args[0].users) > 1:
+            raise EngineUnsupported(f"node {node.name!r} modifies {node.args[0].name!r} in "
+                                    "place while another operation reads it")
 
 
 _TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, fx.Graph]] = (

@@ -125,7 +125,7 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         else:
             result = lsmr(op.damped_matvec, op.damped_matvec, g, **kw)
     elif chosen == "dual-direct":
-        result = dual_direct(op, g, b)
+        result = dual_direct(op, g, b, tol=tol)
     else:  # dual-krylov
         if b is None:
             raise ValueError(f"method: {method!r} (dual Krylov) needs the gradient factor b, "

@@ -46,7 +46,7 @@ def _relres(op: Any, rhs: Tensor, x: Tensor) -> float:
 
 
 def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
-                chunk_size: int = 256) -> SolveResult:
+                chunk_size: int = 256, tol: float = 1e-6) -> SolveResult:
     """Exact solve through the eigendecomposition of ``K = AAᵀ`` (R × R).
 
     ``Aᵀ`` is formed column by column (R VJPs) and ``K = (Aᵀ)ᵀAᵀ`` is accumulated and
@@ -55,13 +55,15 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
     ``DENSE_FACTOR_MAX_ELEMENTS``, K is built as ``A(AᵀI)`` instead (R products of each kind).
 
     With ``b`` (``Aᵀb = rhs``): ``n = Aᵀ U diag(1/(μ+λ)) Uᵀ b`` over the kept eigenpairs
-    (``1/μ`` for λ = 0, the pseudo-inverse). With only ``rhs``: split ``rhs = Aᵀβ + r⊥``,
-    ``β = K⁺ A rhs``; then ``n = Aᵀ(K+λ)⁻¹β + r⊥/λ`` (λ > 0) or ``n = Aᵀ K⁺K⁺ A rhs = F⁺ rhs``
-    (λ = 0), so an rhs outside range(F) is handled exactly too. Eigenvalues below
-    ``max((max(P, R)·eps)², R·eps₆₄)·μ_max`` (dense Aᵀ) or ``R·eps·μ_max`` (K from products)
-    are treated as zero, eps of the operator's dtype. ``residual`` is computed explicitly,
-    ``‖rhs − (F+λI)n‖/‖rhs‖`` (one more product); it is not small for an inconsistent rhs at
-    λ = 0 although ``n = F⁺ rhs`` then.
+    (``1/μ`` for λ = 0, the pseudo-inverse). With only ``rhs``: Woodbury's
+    ``n = (rhs − Aᵀ(K+λ)⁻¹A rhs)/λ`` (λ > 0) or ``n = Aᵀ K⁺K⁺ A rhs = F⁺ rhs`` (λ = 0), so an
+    rhs outside range(F) is handled exactly too. At λ = 0 eigenvalues below
+    ``max((4·√min(P, R)·eps)², R·eps₆₄)·μ_max`` (dense Aᵀ: the rounding noise of A) or
+    ``R·eps·μ_max`` (K from products) are treated as zero, eps of the operator's dtype; with
+    λ > 0 every eigenvalue is kept. ``residual`` is computed explicitly,
+    ``‖rhs − (F+λI)n‖/‖rhs‖`` (one more product), and ``converged`` says whether it is below
+    ``max(tol, √eps)``; for an inconsistent rhs at λ = 0 it is not small although
+    ``n = F⁺ rhs`` then, and ``converged`` is True.
     """
     if rhs is None and b is None:
         raise ValueError("rhs: dual_direct needs rhs or b")
@@ -79,9 +81,11 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
         K = At.T @ At
         apply_At = At.__matmul__
         apply_A = At.T.__matmul__
-        # Singular values of the rounded A above max(P, R)·eps·σ_max count, as long as they
-        # stand above the float64 rounding of K itself.
-        cutoff = max((max(P, R) * torch.finfo(op.dtype).eps) ** 2, R * torch.finfo(wide).eps)
+        # Rounding A to its dtype moves its singular values by at most ‖δA‖ ≤ eps·‖A‖_F
+        # ≤ eps·√min(P, R)·σ_max (Weyl): below a few times that a direction is noise.
+        # K itself is exact to float64 rounding.
+        noise = 4.0 * min(P, R) ** 0.5 * torch.finfo(op.dtype).eps
+        cutoff = max(noise * noise, R * torch.finfo(wide).eps)
     else:
         K = kernel_matrix(op, chunk_size).to(wide)
         cutoff = R * torch.finfo(op.dtype).eps  # K itself carries rounding of order eps·‖K‖
@@ -92,20 +96,24 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
         def apply_A(v: Tensor) -> Tensor:
             return op.factor_matvec(v.to(op.dtype)).to(wide)
 
-    mu, U = _eig((K + K.T) * 0.5, cutoff)
+    # With damping (K + λI) is well conditioned: keep every direction. At λ = 0 the
+    # pseudo-inverse must drop the noise-level eigenvalues.
+    mu, U = _eig((K + K.T) * 0.5, cutoff if lam == 0 else 0.0)
     rhs_w = rhs.to(wide)
     if b is not None:
         x = apply_At(U @ ((U.T @ b.to(wide)) / (mu + lam)))
     else:
         c = U.T @ apply_A(rhs_w)
-        if lam > 0:
-            r_perp = rhs_w - apply_At(U @ (c / mu))
-            x = apply_At(U @ (c / (mu * (mu + lam)))) + r_perp / lam
+        if lam > 0:  # Woodbury: (AᵀA + λI)⁻¹ = (I − Aᵀ(AAᵀ + λI)⁻¹A)/λ, no K⁺ needed
+            x = (rhs_w - apply_At(U @ (c / (mu + lam)))) / lam
         else:
             x = apply_At(U @ (c / (mu * mu)))
     x = x.to(op.dtype)
     res = _relres(op, rhs, x)
-    return SolveResult(x=x, iterations=0, residual=res, converged=True, reason="direct",
+    # An rhs outside range(F) at λ = 0 leaves a residual by construction (x = F⁺ rhs still).
+    consistent = lam > 0 or b is not None
+    converged = not consistent or res <= max(tol, torch.finfo(op.dtype).eps ** 0.5)
+    return SolveResult(x=x, iterations=0, residual=res, converged=converged, reason="direct",
                        method="dual-direct", history=[])
 
 

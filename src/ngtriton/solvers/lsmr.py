@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,6 +59,9 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
     v = rmatvec(u)
     alpha = vo.norm(v)
     bnorm, alpha_f = (float(t) for t in torch.stack([beta, alpha]).tolist())
+    if not (math.isfinite(bnorm) and math.isfinite(alpha_f)):
+        return SolveResult(x=torch.zeros_like(v), iterations=0, residual=math.inf,
+                           converged=False, reason="breakdown", method="lsmr", history=[])
     if bnorm == 0.0 or alpha_f == 0.0:  # Aᵀb = 0: x = 0 solves the normal equations
         return trivial_result(torch.zeros_like(v), "lsmr")
     maxiter = default_maxiter(maxiter, min(b.numel(), v.numel()))
