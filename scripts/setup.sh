@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (if needed) and installs ngtriton with its test extra.
-# Without an NVIDIA GPU it installs the CPU build of torch first, so that pip does not pull a
-# multi-GB CUDA build; with one, pip resolves the default (CUDA) torch and triton.
+# torch is installed first: with an NVIDIA GPU, the default (CUDA) build; without one,
+# torch==2.13.0, which on the project's machines resolves to a CPU build kept on local disk. On
+# other machines set TORCH_INDEX_URL to PyTorch's CPU wheel index to avoid a multi-GB CUDA
+# download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,7 +15,7 @@ if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         python -m pip install -q torch
     else
-        python -m pip install -q "torch==2.13.0"
+        python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     fi
 fi
 python -m pip install -q -e ".[test]"

@@ -112,3 +112,16 @@ def test_bad_arguments_name_the_argument():
         solve(op, tol=-1.0)
     with pytest.raises(ValueError, match="maxiter"):
         solve(op, maxiter=-1)
+
+
+def test_non_finite_inputs_raise_a_clear_error():
+    model, x, y = make_problem("categorical", 8)
+    x = x.clone()
+    x[0, 0] = float("nan")
+    for method in ("auto", "cg", "dual-direct"):
+        with pytest.raises(ValueError, match="rhs"):
+            natural_gradient(model, x, y, method=method)
+    op = FisherOperator(model, x[1:], targets=y[1:])
+    bad = torch.full((op.num_params,), float("inf"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="rhs"):
+        solve(op, bad)

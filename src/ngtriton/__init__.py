@@ -8,7 +8,7 @@ from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
 from .linearize import linearize
 from .natgrad import natural_gradient
-from .optim import NGD, NGDStats
+from .optim import NGD, NGDStats, NonFiniteError
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "NGDStats",
+    "NonFiniteError",
     "SolveResult",
     "linearize",
     "natural_gradient",

@@ -192,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs: expected an integer ≥ 1")
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as err:
+        parser.exit(2, f"ngtriton-demo needs scikit-learn and matplotlib ({err}): "
+                       "pip install 'ngtriton[demo]'\n")
     from tqdm.auto import tqdm
 
     device = torch.device(args.device)

@@ -108,7 +108,7 @@ class FisherOperator:
             raise ValueError(f"fisher: expected one of {list(FISHER_TYPES)}, got {fisher!r}")
         if fisher == "empirical" and targets is None:
             raise ValueError("targets: fisher='empirical' needs the observed targets")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples: expected an integer ≥ 1, got {mc_samples!r}")
         self.fisher = fisher
         self.damping = check_damping(damping)

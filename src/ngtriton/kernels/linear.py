@@ -99,15 +99,21 @@ def _dw_stage(cfg, kw):  # grad_out (and dact) M×N tiles, x M×K
 # ----------------------------------------------------------------------------------------------
 
 
+def _bucket(m: int) -> int:
+    """Autotuning key for the batch dimension: the next power of two, so that a model fed
+    varying batch × sequence lengths tunes once per bucket, not once per length."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
 @triton.autotune(
     configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _JVP_TABLE, _INTERP_BLOCKS),
-    key=["M", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "PRECISION"],
+    key=["M_BUCKET", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "PRECISION"],
     prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
 )
 @triton.jit
 def _linear_jvp_kernel(
     x_ptr, xd_ptr, w_ptr, wd_ptr, bd_ptr, da_ptr, out_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     s_xm, s_xk, s_xdm, s_xdk, s_wn, s_wk, s_wdn, s_wdk, s_bd, s_dam, s_dan, s_om, s_on,
     HAS_XDOT: tl.constexpr, HAS_WDOT: tl.constexpr, HAS_BDOT: tl.constexpr,
     HAS_DACT: tl.constexpr, PRECISION: tl.constexpr,
@@ -182,7 +188,7 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
 
     _linear_jvp_kernel[grid](
         x, x_dot, weight, weight_dot, bias_dot, dact, out,
-        M, N, K,
+        M, N, K, _bucket(M),
         *x.stride(), *_strides(x_dot, 2), *weight.stride(), *_strides(weight_dot, 2),
         *_strides(bias_dot, 1), *_strides(dact, 2), *out.stride(),
         HAS_XDOT=x_dot is not None, HAS_WDOT=weight_dot is not None,
@@ -199,13 +205,13 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
 
 @triton.autotune(
     configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _MM_TABLE, _INTERP_BLOCKS),
-    key=["M", "N", "K", "HAS_DACT", "PRECISION"],
+    key=["M_BUCKET", "N", "K", "HAS_DACT", "PRECISION"],
     prune_configs_by={"early_config_prune": _smem_pruner(_dx_stage)},
 )
 @triton.jit
 def _linear_vjp_dx_kernel(
     go_ptr, da_ptr, w_ptr, gx_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     s_gom, s_gon, s_dam, s_dan, s_wn, s_wk, s_gxm, s_gxk,
     HAS_DACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
@@ -364,7 +370,7 @@ def linear_vjp_split(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor |
                 return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
             _linear_vjp_dx_kernel[grid_x](
-                grad_out, dact, weight, gx, M, N, K,
+                grad_out, dact, weight, gx, M, N, K, _bucket(M),
                 *grad_out.stride(), *da_strides, *weight.stride(), *gx.stride(),
                 HAS_DACT=has_dact, PRECISION=prec,
             )

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .cg import cg
@@ -101,6 +102,9 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         g, b, as_list = op.gradient(), op.gradient_factor(), False
     else:
         (g, as_list), b = _flat_rhs(op, rhs), None
+    if not bool(torch.isfinite(g).all()):
+        what = "the gradient" if rhs is None else "rhs"
+        raise ValueError(f"rhs: {what} contains NaN or Inf (check the inputs and the loss)")
     chosen = _pick(method, R, P, b is not None, lam, x0 is not None)
     x0_flat = None
     if x0 is not None:

@@ -26,9 +26,9 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
 
     From ``x0 = 0`` on a consistent singular system the iterates stay in range(M), so CG
     returns the minimum-norm solution ``M⁺ b``. Stops when ``‖r‖/‖b‖ ≤ max(tol, atol/‖b‖)``
-    (``r`` from the recurrence), after ``maxiter`` iterations (default ``min(n, 10_000)``), or on
-    breakdown (``pᵀMp ≤ 0`` or non-finite scalars: ``M`` is not PSD, or the Krylov space is
-    exhausted); the iterate is then frozen, never NaN.
+    (``r`` from the recurrence), after ``maxiter`` iterations (default
+    ``min(2n + 10, 10_000)``), or on breakdown (``pᵀMp ≤ 0`` or non-finite scalars: ``M`` is
+    not PSD, or the Krylov space is exhausted); the iterate is then frozen, never NaN.
 
     Scalars stay on the device; the host reads them every ``check_every`` iterations. On CUDA a
     value > 1 avoids one synchronisation per iteration at the price of up to ``check_every − 1``

@@ -7,6 +7,7 @@ Cheaper than the primal solve when R = rows of the factor ≪ P; exact by ``eigh
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -96,6 +97,10 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
         def apply_A(v: Tensor) -> Tensor:
             return op.factor_matvec(v.to(op.dtype)).to(wide)
 
+    if not bool(torch.isfinite(K).all()):  # a Fisher product went non-finite: end cleanly
+        return SolveResult(x=torch.zeros_like(rhs), iterations=0, residual=math.inf,
+                           converged=False, reason="breakdown", method="dual-direct",
+                           history=[])
     # With damping (K + λI) is well conditioned: keep every direction. At λ = 0 the
     # pseudo-inverse must drop the noise-level eigenvalues.
     mu, U = _eig((K + K.T) * 0.5, cutoff if lam == 0 else 0.0)

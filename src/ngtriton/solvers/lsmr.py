@@ -46,7 +46,7 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
     and MINRES report for ``F = AᵀA``, ``λ = damp²``. Stops when it is
     ``≤ max(tol, atol/‖Aᵀb‖)``; when a bidiagonalisation coefficient vanishes (``α`` or
     ``β ≤ eps·‖A‖``: Krylov space exhausted); on non-finite scalars (breakdown, iterate frozen);
-    or after ``maxiter`` iterations (default ``min(len(b), len(x), 10_000)``).
+    or after ``maxiter`` iterations (default ``min(2·min(len(b), len(x)) + 10, 10_000)``).
     ``check_every``: as in :func:`~ngtriton.solvers.cg`.
     """
     b = check_vector(b, "b")

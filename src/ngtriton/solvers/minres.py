@@ -30,7 +30,7 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
     when it is ``≤ max(tol, atol/‖b‖)``; when the next Lanczos coefficient vanishes
     (``β ≤ 10·eps·‖T‖``, or a pivot ``γ`` that small: the Krylov space is exhausted, the
     iterate is then the least-squares solution in it); on non-finite scalars (breakdown, iterate
-    frozen, never NaN); or after ``maxiter`` iterations (default ``min(n, 10_000)``).
+    frozen, never NaN); or after ``maxiter`` iterations (default ``min(2n + 10, 10_000)``).
 
     ``lstsq=True`` also stops, as converged, when ``‖M r‖ ≤ tol·‖M‖·‖r‖`` (a least-squares
     solution of an inconsistent system has been reached; ``residual`` then stays large).
