@@ -9,6 +9,7 @@ must still work. The outcome of each fault goes into ``FAULT_RECORD``; the
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -145,6 +146,22 @@ def inj_product(name: str, value: float, method: str, on_call: int = 1) -> Calla
     return inject
 
 
+def inj_quadratic(value: float) -> Callable:
+    """Poison only the product NGD itself takes for ρ's quadratic model (MINRES: no shortcut)."""
+    def inject(opt, prob, mp):
+        opt.method = "minres"
+        original = FisherOperator.fisher_matvec
+
+        def product(self, v):
+            out = original(self, v)
+            caller = sys._getframe(2).f_code.co_name  # _step → guard's product → this
+            return poison(value)(out) if caller == "_step" else out
+
+        mp.setattr(FisherOperator, "fisher_matvec", product)
+        return closure_for(opt, prob)
+    return inject
+
+
 def inj_solver(value: float) -> Callable:
     def inject(opt, prob, mp):
         mp.setattr(optim_mod, "solve", once(optim_mod.solve, poison_result(value)))
@@ -181,7 +198,9 @@ FAULTS = [
     ("factor product NaN (dual-direct)", "nonfinite_curvature", "Fisher product",
      inj_product("factor_rmatmat", math.nan, "dual-direct")),
     ("Fisher product NaN in the quadratic model", "nonfinite_curvature", "Fisher product",
-     inj_product("fisher_matvec", math.nan, "dual-direct", on_call=2)),
+     inj_quadratic(math.nan)),
+    ("Fisher product NaN in the dual residual check", "nonfinite_curvature", "Fisher product",
+     inj_product("fisher_matvec", math.nan, "dual-direct")),
     ("solver result NaN", "nonfinite_solution", "solution", inj_solver(math.nan)),
     ("solver result Inf", "nonfinite_solution", "solution", inj_solver(math.inf)),
     ("step overflow (lr 1e308)", "nonfinite_step", "step", inj_huge_lr(1e308)),

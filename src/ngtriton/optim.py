@@ -434,13 +434,16 @@ class NGD(torch.optim.Optimizer):
 
     def _resolve_method(self, op: Any, x0: Tensor | None) -> str:
         """``"auto"``: the exact sample-space solve when it costs fewer products than the capped
-        Krylov solve (R ≤ 2·maxiter, R ≤ P), else the solver's own choice."""
+        Krylov solve (R ≤ 2·maxiter, R ≤ P); else CG, whose iterates from 0 satisfy
+        ``nᵀ(F+λI)n = nᵀg`` so that ρ needs no extra product (and which, on the digits MLP,
+        reached lower losses than MINRES in less time); the solver's own choice where CG does not
+        apply (an inconsistent system: the Monte-Carlo Fisher at λ = 0)."""
         if self.method != "auto" or x0 is not None:
             return self.method
         cap = 2 * (self.maxiter if self.maxiter is not None else op.num_params)
         if op.num_rows <= min(cap, DUAL_DIRECT_MAX_ROWS, op.num_params):
             return "dual-direct"
-        return "auto"
+        return "cg" if op.damping > 0 or self.fisher != "mc" else "auto"
 
     def _bump_damping(self) -> None:
         """Raise λ by ``damping_increase`` (from exactly 0: restart at 1e-4), within bounds."""
@@ -631,7 +634,15 @@ class NGD(torch.optim.Optimizer):
         predicted = math.nan
         if evaluate:
             with torch.no_grad():
-                curvature = float(delta.dot(op.fisher_matvec(delta)))
+                rates = {lr[id(p)] for p in params if id(p) in in_group}
+                galerkin = x0 is None and result.method in ("cg", "dual-direct")
+                if galerkin and len(rates) == 1 and len(in_group) == len(params):
+                    # Galerkin: CG from 0 (and the exact solve) give nᵀ(F+λI)n = nᵀg, so
+                    # δᵀFδ = lr²(nᵀg − λ‖n‖²) without one more Fisher product.
+                    rate = rates.pop()
+                    curvature = rate * rate * (float(n.dot(g)) - damping * float(n.dot(n)))
+                else:
+                    curvature = float(delta.dot(op.fisher_matvec(delta)))
                 l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum())
                          for p, d in zip(params, deltas))
                 predicted = float(g.dot(delta)) + 0.5 * (curvature + damping * step_norm**2 + l2)
