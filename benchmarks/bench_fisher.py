@@ -193,3 +193,61 @@ def test_curvlinops_ggn_matvec(benchmark, problem):
     torch.testing.assert_close(ggn @ v, ours, rtol=1e-3, atol=1e-5)  # same matrix
     _bench(benchmark, group, lambda: ggn @ v)
 
+
+
+def test_interleaved_ratios(benchmark, problem):
+    """The same comparisons timed round-robin, so that drift of the machine hits all alike.
+
+    Sequential pytest-benchmark groups can disagree by ±30 % on a shared 2-core CPU; here each
+    round times every contender once, and the ratios are medians over rounds.
+    """
+    model, x, y, group = problem
+    f, params = _functional(model, x)
+    vt = tuple(torch.randn_like(p) for p in params)
+    op = FisherOperator(model, x, targets=y, backend=BACKENDS[0])
+    v = torch.randn(op.num_params, device=DEVICE, dtype=op.dtype)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), y).backward()
+
+    def uncached():
+        z, jv = jvp(f, params, vt)
+        _, pullback = vjp(f, *params)
+        return pullback(_output_fvp(z, jv))
+
+    contenders = {
+        "train_step": train_step,
+        "product": lambda: op.fisher_matvec(v),
+        "build": lambda: FisherOperator(model, x, targets=y, backend=BACKENDS[0]),
+        "torch_func_jvp_vjp": uncached,
+    }
+    try:
+        import curvlinops
+
+        if x.dtype == torch.float32:
+            ps = [p for p in model.parameters() if p.requires_grad]
+            ggn = curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(), ps, [(x, y)],
+                                               check_deterministic=False)
+            contenders["curvlinops_ggn"] = lambda: ggn @ v
+    except ImportError:
+        pass
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(3):
+        for fn in contenders.values():
+            _run(fn)()
+    for _ in range(30):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            _run(fn)()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(ts)[len(ts) // 2] for k, ts in times.items()}
+    ratios = {k: med[k] / med["train_step"] for k in med}
+    benchmark.extra_info.update({f"ratio_{k}": round(r, 3) for k, r in ratios.items()})
+    benchmark.extra_info["median_ms"] = {k: round(1e3 * t, 3) for k, t in med.items()}
+    benchmark.group = group + "-interleaved"
+    print(f"\n[{group}] interleaved medians, × a training step: "
+          + ", ".join(f"{k} {r:.2f}" for k, r in ratios.items()))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
