@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import dense_fisher
+from test_optim import make_closure
 from torch import nn
 
 from ngtriton import FisherOperator, natural_gradient, solve
@@ -38,15 +39,6 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 def bit_identical(a, b) -> bool:
     return all(torch.equal(u.view(_INT_VIEW[u.dtype]), v.view(_INT_VIEW[v.dtype]))
                for u, v in zip(a, b))
-
-
-def make_closure(opt, model, x, y, loss_fn=F.cross_entropy):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def mlp(widths, act=nn.Tanh, seed=0, dtype=torch.float64) -> nn.Sequential:
