@@ -23,6 +23,7 @@ from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS
 from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, solve
+from .solvers._vecops import all_finite
 
 # Defaults tuned on the digits MLP 64-128-128-10 (tanh, batch 256, 2-core CPU), see
 # benchmarks/bench_optim.py: a handful of CG iterations on a moderately damped Fisher is the
@@ -123,8 +124,8 @@ class _GuardedOperator:
         def product(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             out = attr(v, *args, **kwargs)
             # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks),
-            # so a non-finite output is the product's own doing: one reduction, no host sync.
-            self.bad = self.bad | ~torch.isfinite(out).all()
+            # so a non-finite output is the product's own doing: one summing pass, no host sync.
+            self.bad = self.bad | ~all_finite(out)
             return out
         return product
 
@@ -562,14 +563,14 @@ class NGD(torch.optim.Optimizer):
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                      for p in params]
             bad = [self._names.get(id(p), "?") for p, gr in zip(params, grads)
-                   if not bool(torch.isfinite(gr).all())]
+                   if not bool(all_finite(gr))]
             for p, gr in zip(params, grads):
                 if decay.get(id(p)):
                     gr.add_(p.detach(), alpha=decay[id(p)])
             g = torch.cat([t.reshape(-1) for t in grads])
             grad_norm = float(g.norm())
         stats["grad_norm"] = grad_norm
-        if bad or not bool(torch.isfinite(g).all()):
+        if bad or not bool(all_finite(g)):
             where = f"in the .grad of {', '.join(bad)}" if bad else "after weight decay"
             self._skip("nonfinite_grad", "gradient", f"NaN or Inf {where}", stats, t0)
             return loss
@@ -603,7 +604,7 @@ class NGD(torch.optim.Optimizer):
                        f"NaN or Inf from a Fisher product during the {result.method} solve",
                        stats, t0)
             return loss
-        if not bool(torch.isfinite(n).all()):
+        if not bool(all_finite(n)):
             self._skip("nonfinite_solution", "solution",
                        f"NaN or Inf in the natural gradient returned by {result.method}",
                        stats, t0)
@@ -619,11 +620,10 @@ class NGD(torch.optim.Optimizer):
             delta = torch.cat([d.reshape(-1) for d in deltas])
             step_norm = float(delta.norm())
             new = [p.detach() + d for p, d in zip(params, deltas)]
-            finite = bool(torch.isfinite(delta).all()) and all(
-                bool(torch.isfinite(t).all()) for t in new)
+            finite = bool(all_finite(delta)) and all(bool(all_finite(t)) for t in new)
         stats["step_norm"] = step_norm
         if not finite or not math.isfinite(step_norm):
-            what = "θ − lr·n" if bool(torch.isfinite(delta).all()) else "lr·n"
+            what = "θ − lr·n" if bool(all_finite(delta)) else "lr·n"
             self._skip("nonfinite_step", "step", f"{what} overflowed (step norm {step_norm:g}, "
                        f"lr {max(lr.values()):g})", stats, t0)
             return loss

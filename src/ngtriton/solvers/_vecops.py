@@ -18,6 +18,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(a: Tensor) -> Tensor:
+    """Whether ``a`` holds no NaN/Inf, as a 0-d bool tensor: one summing pass (NaN and Inf
+    propagate through a sum), about 10× cheaper than ``isfinite(a).all()``. A sum that overflows
+    from finite values reads as non-finite: with a float32 accumulator that needs values near
+    1e38, which callers treat as broken anyway."""
+    return torch.isfinite(a.sum(dtype=acc_dtype(a.dtype)))
+
+
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """``a·b`` as a 0-d tensor."""
     acc = acc_dtype(a.dtype)

@@ -52,12 +52,20 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
         return trivial_result(x, "cg", "converged", mon.residual)
     p = r.clone()
     tiny = torch.finfo(rr.dtype).tiny
+    # Off CUDA a scalar read costs nothing: branch on the host instead of masking the vectors.
+    host = not b.is_cuda and check_every == 1
     for _ in range(maxiter):
         Ap = matvec(p)
         pAp = vo.dot(p, Ap)
         ok = mon.running & torch.isfinite(pAp) & (pAp > tiny)
-        Ap = torch.where(ok, Ap, 0)  # a non-finite product must not leak into the iterates
-        alpha = torch.where(ok, rr / torch.where(ok, pAp, 1), 0)
+        if host:
+            if not bool(ok):
+                mon.record(ok, rr.sqrt() / bnorm)
+                break
+            alpha = rr / pAp
+        else:
+            Ap = torch.where(ok, Ap, 0)  # a non-finite product must not leak into the iterates
+            alpha = torch.where(ok, rr / torch.where(ok, pAp, 1), 0)
         rr_new = vo.cg_update(x, r, p, Ap, alpha)
         beta = torch.where(ok & (rr > 0), rr_new / torch.where(rr > 0, rr, 1), 0)
         vo.update_direction(p, r, beta)
