@@ -7,13 +7,14 @@ against (the Jacobian by ``jacrev``, the Hessian of the loss in the outputs by `
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
+
+from ngtriton.demo import make_mlp
 
 LIKELIHOOD_NAMES = ("categorical", "gaussian", "bernoulli")
 
@@ -26,13 +27,7 @@ def default_backend() -> str:
 def mlp(sizes: Sequence[int], seed: int = 0, act: type[nn.Module] = nn.Tanh,
         dtype: torch.dtype = torch.float64) -> nn.Sequential:
     """Linear-act-...-Linear network with the given layer widths, seeded, in ``dtype``."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(dtype)
+    return make_mlp(sizes, seed=seed, activation=act).to(dtype)
 
 
 def make_targets(likelihood: str, z: Tensor, seed: int = 1) -> Tensor:

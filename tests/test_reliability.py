@@ -5,7 +5,6 @@ test_faults.py)."""
 from __future__ import annotations
 
 import io
-import itertools
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from test_optim import make_closure
 from torch import nn
 
 from ngtriton import FisherOperator, natural_gradient, solve
+from ngtriton.demo import make_mlp
 from ngtriton.fisher import FISHER_TYPES
 from ngtriton.likelihoods import LIKELIHOODS
 from ngtriton.linearize import BACKENDS
@@ -42,13 +42,7 @@ def bit_identical(a, b) -> bool:
 
 
 def mlp(widths, act=nn.Tanh, seed=0, dtype=torch.float64) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(dtype)
+    return make_mlp(widths, seed=seed, activation=act).to(dtype)
 
 
 def data(n, d, classes, seed=1, dtype=torch.float64):
