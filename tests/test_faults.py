@@ -102,7 +102,7 @@ def once(fn: Callable, corrupt: Callable, on_call: int = 1) -> Callable:
 
 def poison(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
     def corrupt(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
+        t = t.clone(memory_format=torch.contiguous_format)
         t.view(-1)[0] = value
         return t
     return corrupt

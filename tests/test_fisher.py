@@ -172,3 +172,17 @@ def test_public_jvp_vjp_and_output_fisher_compose_to_the_product():
         op.output_fvp(u[:2])
     with pytest.raises(ValueError, match="w"):
         op.vjp(u[:2])
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Softplus])  # Softplus: a module without a rule
+def test_batched_factor_products_match_column_by_column(act):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    op = FisherOperator(model, x, backend="torch")
+    V = torch.randn(op.num_params, 4, dtype=torch.float64)
+    U = torch.randn(op.num_rows, 4, dtype=torch.float64)
+    torch.testing.assert_close(op.factor_matmat(V),
+                               torch.stack([op.factor_matvec(c) for c in V.unbind(1)], 1))
+    torch.testing.assert_close(op.factor_rmatmat(U),
+                               torch.stack([op.factor_rmatvec(c) for c in U.unbind(1)], 1))

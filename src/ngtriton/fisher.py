@@ -14,6 +14,7 @@ The three Fisher types differ only in the per-example factor ``Lᵢ`` (the rows 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,11 +226,23 @@ class FisherOperator:
         u = u.reshape(self.num_examples, self.factor_dim)
         return self._vjp(self._factor(u) * self._scale)
 
+    def _columns(self, fn: Any, M: Tensor) -> Tensor:
+        """``fn`` applied to every column of ``M``: vmapped on the torch engine (its rules are
+        plain torch ops), one column at a time otherwise."""
+        if self.backend == "torch":
+            try:
+                with warnings.catch_warnings():  # in-place ops fall back to a loop inside vmap
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.func.vmap(fn, in_dims=1, out_dims=1)(M)
+            except RuntimeError:  # a fallback module that vmap cannot batch
+                pass
+        return torch.stack([fn(c) for c in M.unbind(1)], dim=1)
+
     def factor_matmat(self, V: Tensor) -> Tensor:
         """``A V`` for ``V`` of shape (P, c): batched when the linearization supports it."""
         batched = getattr(self.linearization, "jvp_batched", None)
         if batched is None:
-            return torch.stack([self.factor_matvec(c) for c in V.unbind(1)], dim=1)
+            return self._columns(self.factor_matvec, V)
         cols = V.t()
         tangents = [c.reshape(cols.shape[0], *s) for c, s in
                     zip(cols.split(self._sizes, dim=1), self._shapes)]
@@ -241,7 +254,7 @@ class FisherOperator:
         """``Aᵀ U`` for ``U`` of shape (R, c): batched when the linearization supports it."""
         batched = getattr(self.linearization, "vjp_batched", None)
         if batched is None:
-            return torch.stack([self.factor_rmatvec(c) for c in U.unbind(1)], dim=1)
+            return self._columns(self.factor_rmatvec, U)
         cols = U.t().reshape(U.shape[1], self.num_examples, self.factor_dim)
         w = torch.stack([self._factor(c) for c in cols.unbind(0)]) * self._scale
         grads = batched(w.reshape(U.shape[1], *self._out_shape))
