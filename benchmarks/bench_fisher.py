@@ -17,6 +17,7 @@ Run: ``pytest benchmarks/bench_fisher.py`` (``--benchmark-json`` to keep the num
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -147,8 +148,8 @@ def _output_fvp(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (p * u - p * (p * u).sum(-1, keepdim=True)) / z.shape[0]
 
 
-def test_torch_func_jvp_vjp_uncached(benchmark, problem):
-    model, x, _, group = problem
+def uncached_product(model, x):
+    """torch.func jvp + vjp with nothing cached: two forwards per product."""
     f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
 
@@ -157,42 +158,59 @@ def test_torch_func_jvp_vjp_uncached(benchmark, problem):
         _, pullback = vjp(f, *params)
         return pullback(_output_fvp(z, jv))
 
-    _bench(benchmark, group, product)
+    return product
 
 
-def test_torch_func_linearize_cached(benchmark, problem):
-    model, x, _, group = problem
+def cached_linearize_product(model, x):
+    """torch.func.linearize's JVP and a VJP closure, both built once; the product and its input."""
     f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
     z, jvp_fn = linearize(f, *params)
     _, pullback = vjp(f, *params)
-    _bench(benchmark, group, lambda: pullback(_output_fvp(z, jvp_fn(*v))))
+    return (lambda *vs: pullback(_output_fvp(z, jvp_fn(*vs)))), v
+
+
+def curvlinops_ggn(model, x, y):
+    """curvlinops' GGN of the mean cross-entropy (the exact Fisher), or None if not installed."""
+    try:
+        import curvlinops
+    except ImportError:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)],
+                                        check_deterministic=False)
+
+
+def test_torch_func_jvp_vjp_uncached(benchmark, problem):
+    model, x, _, group = problem
+    _bench(benchmark, group, uncached_product(model, x))
+
+
+def test_torch_func_linearize_cached(benchmark, problem):
+    model, x, _, group = problem
+    product, v = cached_linearize_product(model, x)
+    _bench(benchmark, group, lambda: product(*v))
 
 
 @pytest.mark.skipif(not CUDA, reason="torch.compile baseline only on CUDA")
 def test_torch_func_linearize_compiled(benchmark, problem):
     model, x, _, group = problem
-    f, params = _functional(model, x)
-    v = tuple(torch.randn_like(p) for p in params)
-    z, jvp_fn = linearize(f, *params)
-    _, pullback = vjp(f, *params)
-    product = torch.compile(lambda *vs: pullback(_output_fvp(z, jvp_fn(*vs))))
-    _bench(benchmark, group, lambda: product(*v))
+    product, v = cached_linearize_product(model, x)
+    compiled = torch.compile(product)
+    _bench(benchmark, group, lambda: compiled(*v))
 
 
 def test_curvlinops_ggn_matvec(benchmark, problem):
-    curvlinops = pytest.importorskip("curvlinops")
     model, x, y, group = problem
     if x.dtype != torch.float32:
         pytest.skip("curvlinops baseline in float32 only")
-    params = [p for p in model.parameters() if p.requires_grad]
-    ggn = curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)],
-                                       check_deterministic=False)
-    v = torch.randn(sum(p.numel() for p in params), device=DEVICE)
-    ours = FisherOperator(model, x, targets=y, backend=BACKENDS[0]).fisher_matvec(v)
-    torch.testing.assert_close(ggn @ v, ours, rtol=1e-3, atol=1e-5)  # same matrix
+    ggn = curvlinops_ggn(model, x, y)
+    if ggn is None:
+        pytest.skip("curvlinops is not installed")
+    op = FisherOperator(model, x, targets=y, backend=BACKENDS[0])
+    v = torch.randn(op.num_params, device=DEVICE)
+    torch.testing.assert_close(ggn @ v, op.fisher_matvec(v), rtol=1e-3, atol=1e-5)  # same F
     _bench(benchmark, group, lambda: ggn @ v)
-
 
 
 def test_interleaved_ratios(benchmark, problem):
@@ -202,8 +220,6 @@ def test_interleaved_ratios(benchmark, problem):
     round times every contender once, and the ratios are medians over rounds.
     """
     model, x, y, group = problem
-    f, params = _functional(model, x)
-    vt = tuple(torch.randn_like(p) for p in params)
     op = FisherOperator(model, x, targets=y, backend=BACKENDS[0])
     v = torch.randn(op.num_params, device=DEVICE, dtype=op.dtype)
 
@@ -211,28 +227,15 @@ def test_interleaved_ratios(benchmark, problem):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x).float(), y).backward()
 
-    def uncached():
-        z, jv = jvp(f, params, vt)
-        _, pullback = vjp(f, *params)
-        return pullback(_output_fvp(z, jv))
-
     contenders = {
         "train_step": train_step,
         "product": lambda: op.fisher_matvec(v),
         "build": lambda: FisherOperator(model, x, targets=y, backend=BACKENDS[0]),
-        "torch_func_jvp_vjp": uncached,
+        "torch_func_jvp_vjp": uncached_product(model, x),
     }
-    try:
-        import curvlinops
-
-        if x.dtype == torch.float32:
-            ps = [p for p in model.parameters() if p.requires_grad]
-            ggn = curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(), ps, [(x, y)],
-                                               check_deterministic=False)
-            contenders["curvlinops_ggn"] = lambda: ggn @ v
-    except ImportError:
-        pass
-    import time
+    ggn = curvlinops_ggn(model, x, y) if x.dtype == torch.float32 else None
+    if ggn is not None:
+        contenders["curvlinops_ggn"] = lambda: ggn @ v
 
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(3):
