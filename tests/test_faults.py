@@ -256,8 +256,8 @@ def test_fault(name, reason, word, inject, mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["skip", "raise"])
 def test_fault_step_overflow_float32(mode, monkeypatch):
-    run_fault("step overflow float32 (lr 1e38)", mode, "nonfinite_step", "step",
-              inj_huge_lr(1e38), monkeypatch, dtype=torch.float32)
+    run_fault("step overflow float32 (lr 1e39)", mode, "nonfinite_step", "step",
+              inj_huge_lr(1e39), monkeypatch, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["skip", "raise"])

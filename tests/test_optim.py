@@ -75,6 +75,32 @@ def test_weight_decay_enters_the_gradient():
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("case", ["uniform", "uniform+decay", "groups+decay", "minres"])
+def test_predicted_reduction_matches_the_dense_quadratic(case):
+    """ρ's denominator gᵀδ + ½δᵀ(F + λI + W)δ against dense F, for the Galerkin shortcut
+    (one lr, CG) and the general path (groups with their own lr and weight decay, MINRES)."""
+    model, (x, y) = tiny_mlp(3), batch(seed=4)
+    lam = 0.2
+    wd = 0.0 if case in ("uniform", "minres") else 0.03
+    Fd, g = dense_fisher(model, x, y, "categorical")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    groups = None
+    if case == "groups+decay":
+        groups = [{"params": model[0].parameters(), "lr": 0.7},
+                  {"params": model[2].parameters(), "lr": 0.3, "weight_decay": 0.05}]
+    opt = NGD(model, damping=lam, weight_decay=wd, reject_steps=False, tol=1e-12, maxiter=500,
+              method="minres" if case == "minres" else "cg", params=groups, lr=0.9)
+    opt.step(make_closure(opt, model, x, y))
+    delta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta
+    decay = torch.cat([torch.full((p.numel(),), grp["weight_decay"], dtype=torch.float64)
+                       for grp in opt.param_groups for p in grp["params"]])
+    rhs = g + decay * theta
+    want = rhs @ delta + 0.5 * (delta @ Fd @ delta + lam * delta @ delta
+                                + (decay * delta) @ delta)
+    assert opt.last_stats.predicted_reduction == pytest.approx(float(want), rel=1e-7)
+    assert opt.last_stats.step_norm == pytest.approx(float(delta.norm()), rel=1e-9)
+
+
 def test_lm_rule_and_bounds():
     opt = NGD(tiny_mlp(), damping=1.0, damping_floor=0.5, damping_ceiling=2.0)
     opt._update_damping(0.1)

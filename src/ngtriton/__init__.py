@@ -6,7 +6,7 @@ it; ``solve`` runs a Krylov (or sample-space) solver on it; ``natural_gradient``
 
 from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
-from .linearize import linearize
+from .linearize import ForwardRecord, linearize
 from .natgrad import natural_gradient
 from .optim import NGD, NGDStats, NonFiniteError
 from .solvers import SolveResult, solve
@@ -20,6 +20,7 @@ __all__ = [
     "Bernoulli",
     "Categorical",
     "FisherOperator",
+    "ForwardRecord",
     "Gaussian",
     "Likelihood",
     "NGDStats",

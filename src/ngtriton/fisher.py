@@ -13,6 +13,7 @@ The three Fisher types differ only in the per-example factor ``Lᵢ`` (the rows 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
-from .linearize import Linearization, linearize, resolve_backend
+from .linearize import ForwardRecord, Linearization, linearize, resolve_backend
+from .linearize.rules import OutputEpilogue
 
 FISHER_TYPES = ("exact", "mc", "empirical")
 
@@ -92,6 +94,9 @@ class FisherOperator:
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"autograd"`` (see :func:`linearize`).
         mc_samples: labels drawn per example for ``fisher="mc"``.
         generator: a ``torch.Generator`` that makes the Monte-Carlo labels reproducible.
+        record: a :class:`~ngtriton.linearize.ForwardRecord` of ``model(*inputs)`` run at the
+            current parameters (e.g. for the loss); its Linear and activation outputs are reused
+            instead of recomputed. The outputs are then the recorded ones: do not modify them.
 
     Vectors are flat tensors of length ``P`` (all trainable parameters, in
     ``model.parameters()`` order) or lists of tensors shaped like the parameters; products return
@@ -101,7 +106,8 @@ class FisherOperator:
     def __init__(self, model: nn.Module, inputs: Any, likelihood: str | Likelihood = "categorical",
                  *, targets: Tensor | None = None, fisher: str = "exact", damping: float = 0.0,
                  backend: str = "auto", mc_samples: int = 1,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 record: ForwardRecord | None = None) -> None:
         inputs = _as_tuple(inputs)
         params = check_model_inputs(model, inputs)
         self.likelihood = get_likelihood(likelihood)
@@ -119,7 +125,9 @@ class FisherOperator:
         self.dtype, self.device = params[0].dtype, params[0].device
 
         self.backend = resolve_backend(backend, self.device)
-        self.linearization: Linearization = linearize(model, inputs, self.backend)
+        if record is not None and not isinstance(record, ForwardRecord):
+            raise TypeError(f"record: expected a ForwardRecord, got {type(record).__name__}")
+        self.linearization: Linearization = linearize(model, inputs, self.backend, record)
         self._kernels = output_kernels(self.likelihood, self.backend)
         out = self.linearization.outputs
         self._out_shape = out.shape
@@ -206,9 +214,23 @@ class FisherOperator:
             return self._kernels[2](self._state, u)
         return self.likelihood.factor(self._state, u)
 
+    @functools.cached_property
+    def _epilogue(self) -> OutputEpilogue | None:
+        """``F_R/N`` as an epilogue of the last Linear's JVP kernel, or None where that cannot be
+        done (not the Triton backend and an exact categorical/bernoulli Fisher, or the outputs
+        not written by a Linear): saves a pass over ``J v`` and a launch per product."""
+        accepts = getattr(self.linearization, "accepts_epilogue", None)
+        if self._kernels is None or self._dense_factor is not None or accepts is None:
+            return None
+        epilogue = OutputEpilogue(self.likelihood.name, self._state, 1.0 / self.num_examples)
+        return epilogue if accepts(epilogue) else None
+
     # --- products on flat vectors (the solvers' interface) ------------------------------------
     def fisher_matvec(self, v: Tensor) -> Tensor:
         """``F v`` for a flat ``v`` (no damping)."""
+        epilogue = self._epilogue
+        if epilogue is not None:  # J v and F_R/N in one pass (see _epilogue)
+            return self._vjp(self.linearization.jvp(self.unflatten(v), epilogue))
         u = self._jvp(v)
         return self._vjp(self._fvp_outputs(u) * (1.0 / self.num_examples))
 

@@ -10,6 +10,7 @@ a guard that keeps non-finite numbers away from the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
-from .linearize import BACKENDS
+from .linearize import BACKENDS, ForwardRecord
 from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, solve
 from .solvers._vecops import all_finite
 
@@ -162,11 +163,13 @@ class NGD(torch.optim.Optimizer):
     **Where the Fisher comes from.** During the closure a forward pre-hook on ``model`` records
     the arguments of the model's *first* forward call (positional and keyword). After the closure
     the Fisher ``F`` of ``model`` at those inputs is built as a :class:`~ngtriton.FisherOperator`
-    (one extra forward pass), with the given ``likelihood`` on the model's outputs: the loss the
-    closure computes should be the mean negative log-likelihood of that likelihood (cross-entropy
-    for ``"categorical"``, ½‖y − z‖² for ``"gaussian"``, BCE-with-logits for ``"bernoulli"``),
-    plus any regulariser. The right-hand side ``g`` is the parameters' ``.grad`` after the closure
-    plus ``weight_decay·θ``, so anything the closure adds to the loss composes.
+    (reusing the Linear and activation outputs of the closure's forward, which a
+    :class:`~ngtriton.ForwardRecord` catches, and recomputing the rest), with the given
+    ``likelihood`` on the model's outputs: the loss the closure computes should be the mean
+    negative log-likelihood of that likelihood (cross-entropy for ``"categorical"``, ½‖y − z‖²
+    for ``"gaussian"``, BCE-with-logits for ``"bernoulli"``), plus any regulariser. The
+    right-hand side ``g`` is the parameters' ``.grad`` after the closure plus
+    ``weight_decay·θ``, so anything the closure adds to the loss composes.
 
     **The step.** ``(F + λI) n = g`` is solved by :func:`ngtriton.solve` (``method``, ``tol``,
     ``maxiter``), then each parameter group moves by ``−lr·n`` (``lr`` read from the group every
@@ -296,6 +299,7 @@ class NGD(torch.optim.Optimizer):
         self.keep_history = bool(keep_history)
         self.nonfinite = nonfinite
         self._trainable = trainable
+        self._sizes = [p.numel() for p in trainable]
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -343,8 +347,13 @@ class NGD(torch.optim.Optimizer):
                                  f"inputs must be {ref.dtype}")
 
     # --- the closure's forward ---
-    def _run_closure(self, closure: Callable[[], Any]) -> tuple[Any, tuple, dict]:
+    def _run_closure(self, closure: Callable[[], Any]
+                     ) -> tuple[Any, tuple, dict, ForwardRecord | None]:
         captured: dict[str, Any] = {}
+        # The closure's own forward, recorded for the engine's build (only where it is built on
+        # exactly those inputs: the whole batch, not the autograd fallback).
+        record = (ForwardRecord(self.model) if self.curvature_fraction >= 1.0
+                  and self.backend != "autograd" else None)
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if "args" not in captured:
@@ -353,14 +362,14 @@ class NGD(torch.optim.Optimizer):
 
         handle = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), record if record is not None else contextlib.nullcontext():
                 loss = closure()
         finally:
             handle.remove()
         if "args" not in captured:
             raise ValueError("closure: it never called the model passed to NGD, so there are no "
                              "inputs to build the Fisher at")
-        return loss, captured["args"], captured["kwargs"]
+        return loss, captured["args"], captured["kwargs"], record
 
     @staticmethod
     def _loss_value(loss: Any) -> float:
@@ -532,7 +541,7 @@ class NGD(torch.optim.Optimizer):
 
     def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
-        loss, args, kwargs = self._run_closure(closure)
+        loss, args, kwargs, record = self._run_closure(closure)
         loss_value = self._loss_value(loss)
         params = self._trainable
         if all(p.grad is None for p in params):
@@ -559,18 +568,18 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         decay = self._per_param("weight_decay")
-        with torch.no_grad():
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                     for p in params]
-            bad = [self._names.get(id(p), "?") for p, gr in zip(params, grads)
-                   if not bool(all_finite(gr))]
-            for p, gr in zip(params, grads):
+        with torch.no_grad():  # g = the .grads (+ weight decay), flat: one copy of them
+            g = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                           if p.grad is None else p.grad.detach().reshape(-1) for p in params])
+            for p, chunk in zip(params, g.split(self._sizes)):
                 if decay.get(id(p)):
-                    gr.add_(p.detach(), alpha=decay[id(p)])
-            g = torch.cat([t.reshape(-1) for t in grads])
+                    chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
+            finite = bool(all_finite(g))
             grad_norm = float(g.norm())
         stats["grad_norm"] = grad_norm
-        if bad or not bool(all_finite(g)):
+        if not finite:
+            bad = [self._names.get(id(p), "?") for p in params
+                   if p.grad is not None and not bool(all_finite(p.grad))]
             where = f"in the .grad of {', '.join(bad)}" if bad else "after weight decay"
             self._skip("nonfinite_grad", "gradient", f"NaN or Inf {where}", stats, t0)
             return loss
@@ -580,7 +589,8 @@ class NGD(torch.optim.Optimizer):
         op = _GuardedOperator(FisherOperator(
             fisher_model, c_args, self.likelihood, targets=c_targets, fisher=self.fisher,
             damping=damping, backend=self.backend, mc_samples=self.mc_samples,
-            generator=self._generator))
+            generator=self._generator, record=record))
+        del record
         x0 = None
         if self.warm_start and damping > 0 and "warm_start" in self.state[params[0]]:
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
@@ -614,17 +624,23 @@ class NGD(torch.optim.Optimizer):
                 self.state[p]["warm_start"] = chunk.clone()
 
         in_group = {id(p) for group in self.param_groups for p in group["params"]}
+        rates = [lr[id(p)] if id(p) in in_group else 0.0 for p in params]
+        uniform = len(set(rates)) == 1
+        chunks = n.split(self._sizes)
         with torch.no_grad():
-            deltas = [(-lr[id(p)] * chunk) if id(p) in in_group else torch.zeros_like(chunk)
-                      for p, chunk in zip(params, op.unflatten(n))]
-            delta = torch.cat([d.reshape(-1) for d in deltas])
-            step_norm = float(delta.norm())
-            new = [p.detach() + d for p, d in zip(params, deltas)]
-            finite = bool(all_finite(delta)) and all(bool(all_finite(t)) for t in new)
+            # ‖n‖ and nᵀg in one sync; per-parameter norms only when the rates differ or
+            # weight decay needs them. δ = −rate·n is never formed unless a product needs it.
+            ng, nn_ = (float(t) for t in torch.stack([n.dot(g), n.dot(n)]).tolist())
+            if uniform and not any(decay.values()):
+                sq = [nn_]
+            else:
+                sq = torch.stack([c.dot(c) for c in chunks]).tolist()
+            step_sq = (rates[0] * rates[0] * nn_ if uniform
+                       else sum(r * r * q for r, q in zip(rates, sq)))
+        step_norm = math.sqrt(step_sq) if step_sq >= 0 else math.nan
         stats["step_norm"] = step_norm
-        if not finite or not math.isfinite(step_norm):
-            what = "θ − lr·n" if bool(all_finite(delta)) else "lr·n"
-            self._skip("nonfinite_step", "step", f"{what} overflowed (step norm {step_norm:g}, "
+        if not math.isfinite(step_norm) or step_norm > torch.finfo(n.dtype).max:
+            self._skip("nonfinite_step", "step", f"lr·n overflowed (step norm {step_norm:g}, "
                        f"lr {max(lr.values()):g})", stats, t0)
             return loss
         if step_norm == 0.0:  # zero gradient (or lr 0): nothing to try, nothing learned
@@ -635,19 +651,21 @@ class NGD(torch.optim.Optimizer):
         evaluate = self.adaptive_damping or self.reject_steps
         predicted = math.nan
         if evaluate:
-            with torch.no_grad():
-                rates = {lr[id(p)] for p in params if id(p) in in_group}
-                galerkin = x0 is None and result.method in ("cg", "dual-direct")
-                if galerkin and len(rates) == 1 and len(in_group) == len(params):
-                    # Galerkin: CG from 0 (and the exact solve) give nᵀ(F+λI)n = nᵀg, so
-                    # δᵀFδ = lr²(nᵀg − λ‖n‖²) without one more Fisher product.
-                    rate = rates.pop()
-                    curvature = rate * rate * (float(n.dot(g)) - damping * float(n.dot(n)))
-                else:
+            gdelta = (-rates[0] * ng if uniform else
+                      -sum(r * float(c.dot(gc)) for r, c, gc
+                           in zip(rates, chunks, g.split(self._sizes)) if r))
+            if x0 is None and uniform and result.method in ("cg", "dual-direct"):
+                # Galerkin: CG from 0 (and the exact solve) give nᵀ(F+λI)n = nᵀg, so
+                # δᵀFδ = lr²(nᵀg − λ‖n‖²) without one more Fisher product.
+                curvature = rates[0] * rates[0] * (ng - damping * nn_)
+            else:
+                with torch.no_grad():
+                    delta = torch.cat([c * -r for c, r in zip(chunks, rates)])
                     curvature = float(delta.dot(op.fisher_matvec(delta)))
-                l2 = sum(decay.get(id(p), 0.0) * float(d.pow(2).sum())
-                         for p, d in zip(params, deltas))
-                predicted = float(g.dot(delta)) + 0.5 * (curvature + damping * step_norm**2 + l2)
+                del delta
+            l2 = (sum(decay.get(id(p), 0.0) * r * r * q for p, r, q in zip(params, rates, sq))
+                  if any(decay.values()) else 0.0)
+            predicted = gdelta + 0.5 * (curvature + damping * step_sq + l2)
             if not math.isfinite(predicted) or op.any_bad():
                 self._skip("nonfinite_curvature", "Fisher product",
                            f"NaN or Inf in the quadratic model (δᵀFδ = {curvature:g})",
@@ -655,20 +673,29 @@ class NGD(torch.optim.Optimizer):
                 return loss
         stats["predicted_reduction"] = predicted
 
-        old = [p.detach().clone() for p in params] if evaluate else None
-        with torch.no_grad():
-            for p, t in zip(params, new):
-                p.copy_(t)
-        del new
-        if old is None:
-            stats.update(accepted=True, reason="accepted")
-            self._finish(stats, t0)
-            return loss
+        old = [p.detach().clone() for p in params]  # a bit-exact restore point
 
         def restore() -> None:
             with torch.no_grad():
                 for p, o in zip(params, old):
                     p.copy_(o)
+
+        with torch.no_grad():
+            for p, c, r in zip(params, chunks, rates):
+                if r:
+                    p.add_(c.view(p.shape), alpha=-r)
+            finite = bool(all_finite(torch.stack([p.detach().sum(dtype=torch.float64)
+                                                  for p in params])))
+        if not finite:
+            restore()
+            stats["step_norm"] = 0.0
+            self._skip("nonfinite_step", "step", f"θ − lr·n overflowed (step norm "
+                       f"{step_norm:g}, lr {max(lr.values()):g})", stats, t0)
+            return loss
+        if not evaluate:
+            stats.update(accepted=True, reason="accepted")
+            self._finish(stats, t0)
+            return loss
 
         try:
             trial = self._evaluate(closure)

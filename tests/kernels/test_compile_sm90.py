@@ -25,11 +25,12 @@ from ngtriton.kernels import _common, krylov, layernorm, linear, output
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def build(kernel, dtype, consts, ptrs=None, num_warps=4, num_stages=3):
+def build(kernel, dtype, consts, ptrs=None, num_warps=4, num_stages=3, scalars=None):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
     ptrs = ptrs or {}
+    scalars = scalars or {}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -37,18 +38,30 @@ def build(kernel, dtype, consts, ptrs=None, num_warps=4, num_stages=3):
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptrs.get(name, dtype)
         else:
-            sig[name] = "i32"
+            sig[name] = scalars.get(name, "i32")
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts)
 
 
+F32 = dict(scale="fp32")
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tf32")):
     build(linear._linear_jvp_kernel, dt, dict(
-        HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True, PRECISION=prec,
-        BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP=8), num_warps=8)
+        HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True, EPILOGUE=0, PRECISION=prec,
+        BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP=8, st_ptr=None), num_warps=8, scalars=F32)
 build(linear._linear_jvp_kernel, "fp16", dict(
-    HAS_XDOT=False, HAS_WDOT=True, HAS_BDOT=False, HAS_DACT=False, PRECISION="tf32",
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP=8, xd_ptr=None, bd_ptr=None, da_ptr=None))
+    HAS_XDOT=False, HAS_WDOT=True, HAS_BDOT=False, HAS_DACT=False, EPILOGUE=0, PRECISION="tf32",
+    BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP=8, xd_ptr=None, bd_ptr=None, da_ptr=None,
+    st_ptr=None), scalars=F32)
+# the output-Fisher epilogues: categorical on a whole 256-wide row, bernoulli on any tile
+for dt, prec, bm, warps in (("fp32", "ieee", 64, 8), ("bf16", "tf32", 128, 8),
+                            ("fp16", "tf32", 64, 4)):
+    build(linear._linear_jvp_row_kernel, dt, dict(
+        HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True, EPILOGUE=1, PRECISION=prec,
+        BLOCK_M=bm, BLOCK_N=256, BLOCK_K=32, GROUP=8), num_warps=warps, scalars=F32)
+build(linear._linear_jvp_kernel, "bf16", dict(
+    HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=False, HAS_DACT=False, EPILOGUE=2, PRECISION="tf32",
+    BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP=8, bd_ptr=None, da_ptr=None), num_warps=8,
+    scalars=F32)
 build(linear._linear_vjp_dx_kernel, "bf16", dict(
     HAS_DACT=True, PRECISION="tf32", BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP=8), num_warps=8)
 build(linear._linear_vjp_dw_kernel, "bf16", dict(

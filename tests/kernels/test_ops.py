@@ -17,7 +17,7 @@ from ngtriton.kernels import linear as KLin
 from ngtriton.kernels import ops
 from ngtriton.linearize import ops_torch
 
-NAMES = ["linear_jvp", "linear_vjp", "layernorm_jvp", "layernorm_vjp"]
+NAMES = ["linear_jvp", "linear_vjp", "layernorm_jvp", "layernorm_vjp", "linear_jvp_fvp"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -34,8 +34,10 @@ def _args(dtype, gen):
     xhat = torch.nn.functional.layer_norm(randn(M, K, gen=gen), (K,)).to(dtype)
     rstd = torch.rand(M, 1, generator=gen).add(0.5).to(device=DEVICE, dtype=dtype)
     lw, lwd, lbd = (randn(K, gen=gen, dtype=dtype) for _ in range(3))
+    p = torch.softmax(randn(M, N, gen=gen), -1).to(dtype)
     return {
         "linear_jvp": (x, xd, w, wd, bd, da),
+        "linear_jvp_fvp": (x, xd, w, wd, bd, da, p, "categorical", 0.5),
         "linear_vjp": (x, w, go, da, True, True, True),
         "layernorm_jvp": (xhat, rstd, xd, lw, lwd, lbd),
         "layernorm_vjp": (xhat, rstd, xd, lw, True, True, True),
@@ -45,7 +47,7 @@ def _args(dtype, gen):
 def _spy(monkeypatch):
     calls = []
     for mod, name in [(KLin, "linear_jvp"), (KLin, "linear_vjp"), (KL, "layernorm_jvp"),
-                      (KL, "layernorm_vjp")]:
+                      (KL, "layernorm_vjp"), (KLin, "linear_jvp_fvp")]:
         orig = getattr(mod, name)
 
         def wrapped(*a, _orig=orig, _name=name, **k):
@@ -113,6 +115,9 @@ def test_import_without_triton(tmp_path):
         "assert not k.triton_available()\n"
         "x = torch.randn(4, 3); w = torch.randn(2, 3)\n"
         "assert torch.equal(ops.linear_jvp(x, x, w, None, None, None), x @ w.t())\n"
+        "s = torch.rand(4, 2)\n"
+        "assert torch.equal(ops.linear_jvp_fvp(x, x, w, None, None, None, s, 'bernoulli', 1.0),"
+        " s * (1 - s) * (x @ w.t()))\n"
         "p = torch.softmax(torch.randn(3, 5), -1); v = torch.randn(3, 5)\n"
         "assert torch.equal(output.categorical_fvp(p, v), output.categorical_fvp_reference(p, v))\n"
         "print(float(krylov.dot(v.flatten(), v.flatten())))\n"

@@ -33,6 +33,25 @@ def test_activation_value_and_derivative(name, owned):
         assert torch.equal(s_in, s)  # the input is left untouched
 
 
+@pytest.mark.parametrize("name", list(TORCH_ACTS))
+def test_activation_derivative_from_a_recorded_forward(name):
+    """σ′ from (s, σ(s)) as a recorded forward gives it, and from s alone; inputs untouched."""
+    torch.manual_seed(2)
+    s = torch.randn(300, dtype=torch.float64) * 3
+    act = Activation(name, 0.3 if name == "leaky_relu" else 0.0)
+    _, want_d = jvp(TORCH_ACTS[name], (s,), (torch.ones_like(s),))
+    y = TORCH_ACTS[name](s)
+    s_in, y_in = s.clone(), y.clone()
+    torch.testing.assert_close(act.derivative(s_in, y_in), want_d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act.derivative(s_in, None), want_d, rtol=1e-12, atol=1e-12)
+    assert torch.equal(s_in, s) and torch.equal(y_in, y)
+    if name in ("tanh", "sigmoid"):
+        torch.testing.assert_close(act.derivative(None, y_in), want_d, rtol=1e-10, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="needs the activation's input"):
+            act.derivative(None, y_in)
+
+
 def test_unbroadcast_is_adjoint_of_broadcast():
     torch.manual_seed(1)
     for shape, out in [((3,), (4, 5, 3)), ((1, 3), (4, 3)), ((4, 1, 3), (4, 5, 3)), ((), (2, 2)),

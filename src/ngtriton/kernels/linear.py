@@ -5,6 +5,10 @@ Reference: :func:`ngtriton.linearize.ops_torch.linear_jvp` / ``linear_vjp`` (sam
 - ``linear_jvp``: ONE kernel; ``ẋ Wᵀ`` and ``x Ẇᵀ`` accumulate into the same fp32 tile over the
   shared reduction dimension K, and ``+ ḃ`` / ``⊙ σ′`` are applied in the epilogue before the single
   store.
+- ``linear_jvp_fvp``: the same kernel with the output-Fisher product of the last layer in its
+  epilogue (``EPILOGUE`` constexpr, compiled out when off): ``scale · F_R ẏ`` per row, categorical
+  (``p ⊙ ẏ − p (p·ẏ)``, the whole row in one tile: ``out_features ≤ FVP_MAX_N``) or bernoulli
+  (``s(1−s) ⊙ ẏ``, any width). Saves the round trip of ``ẏ`` through memory and a launch.
 - ``linear_vjp``: ``g = σ′ ⊙ ḡ`` is formed on the fly from the tiles each kernel loads (never
   written to memory). ``gx = g W`` is one kernel; ``gw = gᵀ x`` and ``gb = Σ_rows g`` share one
   kernel (the bias sum comes from the g tiles the programs of the first K-column already load).
@@ -81,7 +85,8 @@ def _smem_pruner(stage_elems):
 
 def _jvp_stage(cfg, kw):  # both operand pairs stream (M+N)×K per stage
     pairs = int(bool(kw.get("HAS_XDOT", True))) + int(bool(kw.get("HAS_WDOT", True)))
-    return max(pairs, 1) * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]
+    block_n = cfg.get("BLOCK_N", kw.get("BLOCK_N"))  # the row configs take BLOCK_N from the call
+    return max(pairs, 1) * (cfg["BLOCK_M"] + block_n) * cfg["BLOCK_K"]
 
 
 def _dx_stage(cfg, kw):  # grad_out (and dact) M×N tiles, weight N×K
@@ -105,18 +110,48 @@ def _bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
 
-@triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _JVP_TABLE, _INTERP_BLOCKS),
-    key=["M_BUCKET", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "PRECISION"],
-    prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
-)
+_JVP_KEY = ["M_BUCKET", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "EPILOGUE",
+            "PRECISION"]
+
+# Output-Fisher epilogues of the JVP kernel (the EPILOGUE constexpr).
+_EPI_NONE, _EPI_CATEGORICAL, _EPI_BERNOULLI = 0, 1, 2
+_EPILOGUES = {"categorical": _EPI_CATEGORICAL, "bernoulli": _EPI_BERNOULLI}
+
+# Widest row the categorical epilogue takes in one tile: a 256-wide fp32 accumulator is what
+# Hopper's widest matmul tiles hold (128×256 over 8 warps); wider rows use the separate kernel.
+FVP_MAX_N = 256
+
+# Row configurations (BLOCK_M, BLOCK_K, num_warps, num_stages) for the categorical epilogue:
+# BLOCK_N is not tuned but set to the row width (next power of two, ≥ 16) by the caller. 8 warps
+# for the 256-wide rows (a 32×256 tile on 4 warps spills heavily in an sm_90 compile), 4 warps
+# for the narrow ones.
+_ROW_TABLE = [
+    (128, 32, 8, 3),
+    (64, 32, 8, 3),
+    (64, 64, 8, 3),
+    (128, 64, 4, 4),
+    (64, 64, 4, 4),
+    (64, 32, 4, 4),
+]
+
+
+def _row_configs() -> list[triton.Config]:
+    if INTERPRET:
+        bm, _, bk = _INTERP_BLOCKS
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, GROUP=4), num_warps=4,
+                              num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_K=k, GROUP=8), num_warps=w, num_stages=s)
+            for m, k, w, s in _ROW_TABLE]
+
+
 @triton.jit
-def _linear_jvp_kernel(
-    x_ptr, xd_ptr, w_ptr, wd_ptr, bd_ptr, da_ptr, out_ptr,
+def _linear_jvp_body(
+    x_ptr, xd_ptr, w_ptr, wd_ptr, bd_ptr, da_ptr, st_ptr, out_ptr,
     M, N, K, M_BUCKET,
-    s_xm, s_xk, s_xdm, s_xdk, s_wn, s_wk, s_wdn, s_wdk, s_bd, s_dam, s_dan, s_om, s_on,
+    s_xm, s_xk, s_xdm, s_xdk, s_wn, s_wk, s_wdn, s_wdk, s_bd, s_dam, s_dan, s_stm, s_stn,
+    s_om, s_on, scale,
     HAS_XDOT: tl.constexpr, HAS_WDOT: tl.constexpr, HAS_BDOT: tl.constexpr,
-    HAS_DACT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DACT: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -162,8 +197,29 @@ def _linear_jvp_kernel(
         da = tl.load(da_ptr + offs_m[:, None] * s_dam + offs_n[None, :] * s_dan, mask=mask,
                      other=0.0)
         acc *= da.to(tl.float32)
+    if EPILOGUE != 0:  # scale · F_R ẏ per row, on the fp32 tile
+        st = tl.load(st_ptr + offs_m[:, None] * s_stm + offs_n[None, :] * s_stn, mask=mask,
+                     other=0.0).to(tl.float32)
+        if EPILOGUE == 1:  # categorical: p ⊙ ẏ − p (p·ẏ); the tile spans the whole row
+            py = tl.where(mask, st * acc, 0.0)  # wrapped columns must not enter the sum
+            acc = py - st * tl.sum(py, axis=1)[:, None]
+        else:  # bernoulli: s(1−s) ⊙ ẏ
+            acc = st * (1.0 - st) * acc
+        acc = acc * scale
     out_ptrs = out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# One kernel body, two tuners: the general one (BLOCK_N tuned; no epilogue, or an elementwise
+# one) and the row one (BLOCK_N = the row width, for the categorical row reduction).
+_linear_jvp_kernel = triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _JVP_TABLE, _INTERP_BLOCKS),
+    key=_JVP_KEY, prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
+)(_linear_jvp_body)
+_linear_jvp_row_kernel = triton.autotune(
+    configs=_row_configs(), key=_JVP_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
+)(_linear_jvp_body)
 
 
 def _strides(t: Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -177,23 +233,50 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
     x, x_dot: (M, K); weight, weight_dot: (N, K); bias_dot: (N,); dact: (M, N). All on one device
     with one dtype (fp32/fp16/bf16); any of the optional arguments may be ``None``.
     """
+    return _launch_jvp(x, x_dot, weight, weight_dot, bias_dot, dact, None, _EPI_NONE, 1.0)
+
+
+def linear_jvp_fvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
+                   bias_dot: Tensor | None, dact: Tensor | None, state: Tensor, kind: str,
+                   scale: float) -> Tensor:
+    """``scale · F_R ẏ`` per row with ``ẏ`` the :func:`linear_jvp` tangent, in one kernel.
+
+    ``kind`` ``"categorical"`` (``state`` = probabilities p, ``F_R ẏ = p ⊙ ẏ − p (p·ẏ)``; needs
+    ``out_features ≤ FVP_MAX_N``) or ``"bernoulli"`` (``state`` = s, ``F_R ẏ = s(1−s) ⊙ ẏ``);
+    ``state``: (M, N) like the output. ``ẏ`` stays in fp32 between the two products.
+    """
+    epi = _EPILOGUES.get(kind)
+    if epi is None:
+        raise ValueError(f"kind: expected one of {list(_EPILOGUES)}, got {kind!r}")
+    if epi == _EPI_CATEGORICAL and weight.shape[0] > FVP_MAX_N:
+        raise ValueError(f"categorical epilogue: out_features {weight.shape[0]} > {FVP_MAX_N}")
+    return _launch_jvp(x, x_dot, weight, weight_dot, bias_dot, dact, state, epi, float(scale))
+
+
+def _launch_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
+                bias_dot: Tensor | None, dact: Tensor | None, state: Tensor | None,
+                epilogue: int, scale: float) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
+    if epilogue == _EPI_CATEGORICAL:  # one column tile spanning the row (tl.dot needs ≥ 16)
+        kernel, fixed = _linear_jvp_row_kernel, {"BLOCK_N": max(16, triton.next_power_of_2(N))}
+    else:
+        kernel, fixed = _linear_jvp_kernel, {}
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
-    _linear_jvp_kernel[grid](
-        x, x_dot, weight, weight_dot, bias_dot, dact, out,
+    kernel[grid](
+        x, x_dot, weight, weight_dot, bias_dot, dact, state, out,
         M, N, K, _bucket(M),
         *x.stride(), *_strides(x_dot, 2), *weight.stride(), *_strides(weight_dot, 2),
-        *_strides(bias_dot, 1), *_strides(dact, 2), *out.stride(),
+        *_strides(bias_dot, 1), *_strides(dact, 2), *_strides(state, 2), *out.stride(), scale,
         HAS_XDOT=x_dot is not None, HAS_WDOT=weight_dot is not None,
-        HAS_BDOT=bias_dot is not None, HAS_DACT=dact is not None,
-        PRECISION=dot_precision(x.dtype),
+        HAS_BDOT=bias_dot is not None, HAS_DACT=dact is not None, EPILOGUE=epilogue,
+        PRECISION=dot_precision(x.dtype), **fixed,
     )
     return out
 

@@ -23,10 +23,11 @@ from torch import Tensor
 from ..linearize import ops_torch as _ref
 from ._config import can_launch
 
-__all__ = ["layernorm_jvp", "layernorm_vjp", "linear_jvp", "linear_vjp"]
+__all__ = ["layernorm_jvp", "layernorm_vjp", "linear_jvp", "linear_jvp_fvp", "linear_vjp"]
 
 _MAX_NUMEL = 2**31 - 1
 _MAX_BLOCK_D = 16384  # == layernorm.MAX_BLOCK_D (kept here so dispatch needs no triton import)
+_FVP_MAX_N = 256  # == linear.FVP_MAX_N: widest categorical row fused into the JVP epilogue
 
 
 def _small(*ts: Tensor | None) -> bool:
@@ -69,6 +70,32 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
 
         return linear.linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)
     return _ref.linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)
+
+
+def linear_jvp_fvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
+                   bias_dot: Tensor | None, dact: Tensor | None, state: Tensor, kind: str,
+                   scale: float) -> Tensor:
+    """``scale · F_R ẏ`` per row of the Linear tangent ``ẏ`` (see :func:`linear_jvp`).
+
+    ``kind``/``state``: ``"categorical"`` with probabilities p or ``"bernoulli"`` with s, (M, N).
+    One kernel (the output-Fisher product in the JVP's epilogue) when the inputs allow it and,
+    for categorical, ``N ≤ 256``; otherwise :func:`linear_jvp` then the separate row kernel.
+    """
+    if kind not in ("categorical", "bernoulli"):
+        raise ValueError(f"kind: expected 'categorical' or 'bernoulli', got {kind!r}")
+    ts = (x, x_dot, weight, weight_dot, bias_dot, dact, state)
+    if ((kind == "bernoulli" or weight.shape[0] <= _FVP_MAX_N)
+            and _dims(ts, (2, 2, 2, 2, 1, 2, 2)) and _small(*ts) and can_launch(*ts)
+            and _linear_shapes(x, weight, x_dot, weight_dot, bias_dot, dact, state)):
+        from . import linear
+
+        return linear.linear_jvp_fvp(x, x_dot, weight, weight_dot, bias_dot, dact, state, kind,
+                                     scale)
+    from . import output
+
+    u = linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)
+    fvp = output.categorical_fvp if kind == "categorical" else output.bernoulli_fvp
+    return fvp(state, u).mul_(scale)
 
 
 def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,

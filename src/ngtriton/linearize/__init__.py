@@ -14,11 +14,12 @@ from torch import nn
 
 from .autograd import AutogradLinearization
 from .base import Linearization, check_tangents
+from .record import ForwardRecord
 
 BACKENDS = ("auto", "torch", "triton", "autograd")
 
-__all__ = ["BACKENDS", "AutogradLinearization", "Linearization", "check_tangents",
-           "linearize", "resolve_backend"]
+__all__ = ["BACKENDS", "AutogradLinearization", "ForwardRecord", "Linearization",
+           "check_tangents", "linearize", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -35,8 +36,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto") -> Linearization:
-    """Run ``model(*inputs)`` once and return its linearization at the current parameters."""
+def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
+              record: ForwardRecord | None = None) -> Linearization:
+    """Run ``model(*inputs)`` once and return its linearization at the current parameters.
+
+    ``record``: a :class:`ForwardRecord` of that same forward, already run; the engine reuses
+    its Linear and activation outputs (the autograd fallback ignores it).
+    """
     device = next(model.parameters()).device
     resolved = resolve_backend(backend, device)
     if resolved == "autograd":
@@ -48,7 +54,7 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto")
     else:
         from . import ops_torch as ops
     try:
-        return build_engine(model, inputs, ops)
+        return build_engine(model, inputs, ops, record=record)
     except EngineUnsupported as err:
         warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({err}); "
                       "falling back to whole-model autograd (correct, slower)", stacklevel=3)

@@ -43,6 +43,7 @@ from torch.fx.node import Node, map_arg
 
 from . import ops_torch
 from .base import check_tangents
+from .record import ForwardRecord
 from .rules import (
     Activation,
     AddStep,
@@ -52,6 +53,7 @@ from .rules import (
     IdentityStep,
     LayerNormStep,
     LinearStep,
+    OutputEpilogue,
     ProductStep,
     ReshapeStep,
     ScaleStep,
@@ -297,22 +299,45 @@ class EngineLinearization:
                 frees[i].append(s)
         self._plan = [(step, step.in_slots, step.out_slot, tuple(f))
                       for step, f in zip(steps, frees)]
+        # the step that writes the output (the one an output epilogue goes to), if any
+        self._out_step = next((i for i, st in enumerate(steps) if st.out_slot == out_slot), -1)
 
     def _check_fresh(self) -> None:
         if tuple(p._version for p in self.params) != self._versions:
             raise RuntimeError("EngineLinearization: parameters were modified in place after "
                                "the linearization was built; build a new one")
 
-    def jvp(self, tangents: Sequence[Tensor]) -> Tensor:
-        """``J v``: one tangent per parameter → a tensor shaped like :attr:`outputs`."""
+    def accepts_epilogue(self, epilogue: OutputEpilogue) -> bool:
+        """Whether :meth:`jvp` can fuse ``epilogue``: the outputs are written, unreshaped, by a
+        Linear step (with its activation) whose ops module has ``linear_jvp_fvp``."""
+        if self._out_step < 0:
+            return False
+        step = self.steps[self._out_step]
+        return (isinstance(step, LinearStep) and step.out_shape == self.outputs.shape
+                and step.accepts(epilogue))
+
+    def jvp(self, tangents: Sequence[Tensor], epilogue: OutputEpilogue | None = None) -> Tensor:
+        """``J v``: one tangent per parameter → a tensor shaped like :attr:`outputs`.
+
+        With ``epilogue`` (only where :meth:`accepts_epilogue`; ValueError otherwise) the last
+        Linear applies it before its store: the result is ``scale · F_R (J v)`` per output row,
+        the output-Fisher product without a second pass over ``J v``.
+        """
         check_tangents(self.params, tangents)
         self._check_fresh()
+        fused = -1
+        if epilogue is not None:
+            if not self.accepts_epilogue(epilogue):
+                raise ValueError("epilogue: the model's output is not written by a Linear step "
+                                 "that can apply it (see accepts_epilogue)")
+            fused = self._out_step
         if self._out_slot is None:
             return torch.zeros_like(self.outputs)
         vals: list[Any] = [None] * self._n_slots
         vals[:len(tangents)] = tangents
-        for step, ins, out, free in self._plan:
-            vals[out] = step.jvp([vals[s] for s in ins])
+        for i, (step, ins, out, free) in enumerate(self._plan):
+            args = [vals[s] for s in ins]
+            vals[out] = step.jvp(args) if i != fused else step.jvp(args, epilogue)
             for s in free:
                 vals[s] = None
         res = vals[self._out_slot]
@@ -372,8 +397,8 @@ def _accumulate(cots: list[Any], owned: list[bool], s: int, c: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
-                 ops: ModuleType = ops_torch, *, cache_trace: bool = True
-                 ) -> EngineLinearization:
+                 ops: ModuleType = ops_torch, *, cache_trace: bool = True,
+                 record: ForwardRecord | None = None) -> EngineLinearization:
     """Trace ``model``, run ``model(*inputs)`` once and return its rule-based linearization.
 
     ``ops`` provides ``linear_jvp``, ``linear_vjp``, ``layernorm_jvp`` and ``layernorm_vjp``
@@ -384,18 +409,22 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     The fx graph is traced once per model and reused by later builds while the module tree,
     the train/eval flags and the non-tensor inputs stay the same (``cache_trace=False`` or
     :func:`clear_trace_cache` after changing a Python attribute that ``forward`` branches on).
+
+    ``record``: a :class:`~ngtriton.linearize.record.ForwardRecord` of ``model(*inputs)`` at the
+    current parameters; Linear and activation outputs it holds are reused, not recomputed.
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
     graph = _trace(model, inputs, cache=cache_trace)
-    return _Builder(model, graph, inputs, ops).build()
+    return _Builder(model, graph, inputs, ops, record).build()
 
 
 class _Builder:
     def __init__(self, root: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...],
-                 ops: ModuleType) -> None:
+                 ops: ModuleType, record: ForwardRecord | None = None) -> None:
         self.root, self.graph, self.inputs, self.ops = root, graph, inputs, ops
+        self.record = record
         self.params = [p for p in root.parameters() if p.requires_grad]
         self.pslot = {id(p): i for i, p in enumerate(self.params)}
         self.n_slots = len(self.params)
@@ -419,6 +448,12 @@ class _Builder:
 
     def _src(self, a: Any) -> tuple[Any, int | None]:
         return self._val(a), self._slot(a)
+
+    def _recorded(self, node: Node | None, x: Tensor) -> Tensor | None:
+        """The recorded output of the module that ``node`` calls, if it is that module at ``x``."""
+        if self.record is None or node is None or node.op != "call_module":
+            return None
+        return self.record.lookup(self.root.get_submodule(str(node.target)), x)
 
     def _add(self, node: Node, step: Step, value: Any) -> None:
         step.out_slot = self.n_slots
@@ -553,7 +588,7 @@ class _Builder:
         mod_params = ([p for p in mod.parameters() if p.requires_grad] if mod is not None
                       else [])
         if node in self.fused:
-            self._linear(self.fused[node], self._activation(node))
+            self._linear(self.fused[node], self._activation(node), node)
             self.values[node] = self.values.pop(self.fused[node])
             if self.fused[node] in self.slots:
                 self.slots[node] = self.slots.pop(self.fused[node])
@@ -587,7 +622,8 @@ class _Builder:
             return
         act = _module_activation(mod)
         if simple and act is not None and x_slot is not None:
-            value, dact = act.forward(x, owned=False)
+            y = self._recorded(node, x)
+            value, dact = act.forward(x, owned=False) if y is None else (y, act.derivative(x, y))
             self._add(node, ElementwiseStep(x_slot, dact), value)
             return
         if simple and _same_forward(mod, nn.LayerNorm):
@@ -641,7 +677,8 @@ class _Builder:
         self._add(node, step, step.value)
         self.fallbacks.append(f"{node.name} ({_target_name(node)})")
 
-    def _linear(self, node: Node, act: Activation | None) -> None:
+    def _linear(self, node: Node, act: Activation | None, act_node: Node | None = None) -> None:
+        """A Linear node, with the activation ``act`` (computed by ``act_node``) fused in."""
         if node.op == "call_module":
             mod = self.root.get_submodule(str(node.target))
             x, x_slot = self._src(node.args[0] if node.args else node.kwargs["input"])
@@ -653,11 +690,19 @@ class _Builder:
             b, b_slot = self._src(_arg(node, 2, "bias"))
         x_shape = x.shape
         x2 = x.reshape(-1, w.shape[1])
-        s = F.linear(x2, w, b)
+        out_shape = (*x_shape[:-1], w.shape[0])
+        s = self._recorded(node, x)
         dact = None
-        if act is not None:
-            s, dact = act.forward(s, owned=True)
-        value = s.view(*x_shape[:-1], w.shape[0])
+        if s is None:
+            s = F.linear(x2, w, b)
+            if act is not None:
+                s, dact = act.forward(s, owned=True)
+        elif act is not None:
+            y = self._recorded(act_node, s)
+            s = s.reshape(-1, w.shape[0])
+            s, dact = (act.forward(s, owned=False) if y is None
+                       else (y.reshape(s.shape), act.derivative(s, y.reshape(s.shape))))
+        value = s.reshape(out_shape)
         if x_slot is None and w_slot is None and b_slot is None:
             self.values[node] = value
             return

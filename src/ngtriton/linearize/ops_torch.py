@@ -34,6 +34,25 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
     return out
 
 
+def linear_jvp_fvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
+                   bias_dot: Tensor | None, dact: Tensor | None, state: Tensor, kind: str,
+                   scale: float) -> Tensor:
+    """``scale · F_R ẏ`` per row, ``ẏ`` the :func:`linear_jvp` tangent of the model's last layer.
+
+    ``kind``: ``"categorical"`` (``state`` = probabilities p: ``p ⊙ ẏ − p (p·ẏ)``) or
+    ``"bernoulli"`` (``state`` = s: ``s(1−s) ⊙ ẏ``); ``state`` is shaped like the output.
+    """
+    from ..kernels import output  # its torch references; imported here, on use
+
+    if kind == "categorical":
+        fvp = output.categorical_fvp_reference
+    elif kind == "bernoulli":
+        fvp = output.bernoulli_fvp_reference
+    else:
+        raise ValueError(f"kind: expected 'categorical' or 'bernoulli', got {kind!r}")
+    return fvp(state, linear_jvp(x, x_dot, weight, weight_dot, bias_dot, dact)) * scale
+
+
 def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
                need_input: bool, need_weight: bool, need_bias: bool
                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

@@ -61,31 +61,52 @@ class Activation:
         name = self.name
         if name == "tanh":
             y = torch.tanh_(s) if owned else torch.tanh(s)
-            return y, torch.square(y).neg_().add_(1.0)
-        if name == "sigmoid":
+        elif name == "sigmoid":
             y = torch.sigmoid_(s) if owned else torch.sigmoid(s)
-            return y, torch.rsub(y, 1.0).mul_(y)
+        else:  # the derivative reads s: take it before an owned s is overwritten
+            d = self.derivative(s, None)
+            if name == "relu":
+                return (torch.relu_(s) if owned else torch.relu(s)), d
+            if name == "leaky_relu":
+                return F.leaky_relu(s, self.slope, inplace=owned), d
+            if name == "gelu":
+                return F.gelu(s), d
+            if name == "gelu_tanh":
+                return F.gelu(s, approximate="tanh"), d
+            return F.silu(s), d
+        return y, self.derivative(None, y)
+
+    def derivative(self, s: Tensor | None, y: Tensor | None) -> Tensor:
+        """``σ′(s)`` from the input ``s`` or, for tanh and sigmoid, from the output ``y = σ(s)``
+        (what a recorded forward provides); a fresh tensor, ``s`` and ``y`` are not modified."""
+        name = self.name
+        if name == "tanh" and y is not None:
+            return torch.square(y).neg_().add_(1.0)
+        if name == "sigmoid" and y is not None:
+            return torch.rsub(y, 1.0).mul_(y)
+        if s is None:
+            raise ValueError(f"the {name} derivative needs the activation's input")
+        if name == "tanh":
+            return torch.square(torch.tanh(s)).neg_().add_(1.0)
+        if name == "sigmoid":
+            sig = torch.sigmoid(s)
+            return torch.rsub(sig, 1.0).mul_(sig)
         if name == "relu":
-            d = (s > 0).to(s.dtype)
-            return (torch.relu_(s) if owned else torch.relu(s)), d
+            return (s > 0).to(s.dtype)
         if name == "leaky_relu":
-            d = (s > 0).to(s.dtype).mul_(1.0 - self.slope).add_(self.slope)
-            return F.leaky_relu(s, self.slope, inplace=owned), d
+            return (s > 0).to(s.dtype).mul_(1.0 - self.slope).add_(self.slope)
         if name == "gelu":
             cdf = torch.mul(s, _SQRT1_2).erf_().add_(1.0).mul_(0.5)
-            d = torch.square(s).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI).mul_(s).add_(cdf)
-            return F.gelu(s), d
+            return torch.square(s).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI).mul_(s).add_(cdf)
         if name == "gelu_tanh":
             s2 = torch.square(s)
             t = torch.mul(s2, _GELU_C).add_(1.0).mul_(s).mul_(_SQRT_2_OVER_PI).tanh_()
             # σ′ = ½(1 + t) + ½ s (1 − t²) √(2/π) (1 + 3c s²)
             inner = s2.mul_(3.0 * _GELU_C).add_(1.0).mul_(_SQRT_2_OVER_PI * 0.5).mul_(s)
-            d = torch.square(t).neg_().add_(1.0).mul_(inner).add_(t.add_(1.0).mul_(0.5))
-            return F.gelu(s, approximate="tanh"), d
+            return torch.square(t).neg_().add_(1.0).mul_(inner).add_(t.add_(1.0).mul_(0.5))
         if name == "silu":
             sig = torch.sigmoid(s)
-            d = torch.rsub(sig, 1.0).mul_(s).add_(1.0).mul_(sig)
-            return F.silu(s), d
+            return torch.rsub(sig, 1.0).mul_(s).add_(1.0).mul_(sig)
         raise ValueError(f"unknown activation {name!r}")
 
 
@@ -120,8 +141,26 @@ def _positions(slots: Sequence[int | None]) -> tuple[tuple[int, ...], list[int |
     return tuple(active), pos
 
 
+@dataclass(frozen=True)
+class OutputEpilogue:
+    """The output-Fisher product ``scale · F_R`` that a model's last Linear can apply to its
+    tangent before storing it (``ops.linear_jvp_fvp``), instead of a separate pass over ``J v``.
+
+    ``kind``: ``"categorical"`` (``state`` = probabilities p) or ``"bernoulli"`` (``state`` = s);
+    ``state``: (rows, out_features), the layer's output rows (leading dimensions flattened).
+    """
+
+    kind: str
+    state: Tensor
+    scale: float = 1.0
+
+
 class LinearStep(Step):
-    """``σ(x Wᵀ + b)`` on inputs of any rank, through ``ops.linear_jvp``/``ops.linear_vjp``."""
+    """``σ(x Wᵀ + b)`` on inputs of any rank, through ``ops.linear_jvp``/``ops.linear_vjp``.
+
+    As the model's last step its JVP can also apply an :class:`OutputEpilogue`
+    (``ops.linear_jvp_fvp``), when :meth:`accepts` it.
+    """
 
     def __init__(self, ops: ModuleType, x2: Tensor, weight: Tensor, dact: Tensor | None,
                  x_slot: int | None, w_slot: int | None, b_slot: int | None,
@@ -133,12 +172,23 @@ class LinearStep(Step):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
 
-    def jvp(self, dots):
+    def accepts(self, epilogue: OutputEpilogue) -> bool:
+        """Whether :meth:`jvp` can apply ``epilogue`` (the ops module has the fused product and
+        ``epilogue.state`` holds one row per output row)."""
+        rows = (self.x2.shape[0], self.out_features)
+        return (hasattr(self.ops, "linear_jvp_fvp") and len(self.out_shape) >= 2
+                and tuple(epilogue.state.shape) == rows)
+
+    def jvp(self, dots, epilogue: OutputEpilogue | None = None):
         xd = (None if self.xp is None
               else dots[self.xp].reshape(-1, self.in_features).contiguous())
         wd = None if self.wp is None else dots[self.wp]
         bd = None if self.bp is None else dots[self.bp]
-        out = self.ops.linear_jvp(self.x2, xd, self.weight, wd, bd, self.dact)
+        if epilogue is None:
+            out = self.ops.linear_jvp(self.x2, xd, self.weight, wd, bd, self.dact)
+        else:
+            out = self.ops.linear_jvp_fvp(self.x2, xd, self.weight, wd, bd, self.dact,
+                                          epilogue.state, epilogue.kind, epilogue.scale)
         return out.view(self.out_shape)
 
     def vjp(self, g):

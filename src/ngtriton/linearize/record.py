@@ -1,0 +1,105 @@
+"""A forward the caller already ran, recorded so that building the linearization can reuse it.
+
+NGD's closure runs the model once for the loss and its gradient; the engine's build then needs
+the same forward values at the same parameters. :class:`ForwardRecord` hooks, for the length of a
+``with`` block, the leaf modules whose outputs the engine's rules take unchanged (``nn.Linear``
+with its own forward, and the elementwise activation modules), so that the build skips their
+matrix products and activations. A recorded output is used only when it is certainly the value
+the rule would compute (:meth:`ForwardRecord.lookup`); anything else is recomputed, so a record
+never changes a result, only its cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["ForwardRecord"]
+
+
+@dataclass
+class _Entry:
+    x: Tensor
+    x_version: int
+    out: Tensor
+    out_version: int
+    params: tuple[tuple[Tensor, int], ...]
+    calls: int = 1
+
+
+def _recordable(m: nn.Module) -> bool:
+    from .engine import _module_activation, _same_forward  # the engine's own rule tests
+
+    if m._forward_hooks or m._forward_pre_hooks:  # the rules do not run a module's hooks
+        return False
+    return _same_forward(m, nn.Linear) or _module_activation(m) is not None
+
+
+class ForwardRecord:
+    """Records ``(input, output)`` of the recordable leaf modules of ``model`` while active.
+
+    Use as ``with ForwardRecord(model) as record: loss = closure()``, then pass ``record`` to
+    :class:`~ngtriton.FisherOperator` built on the same inputs right after. Holding the record
+    keeps the recorded tensors alive; drop it once the operator is built.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._entries: dict[nn.Module, _Entry] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> ForwardRecord:
+        self._entries.clear()
+        self._handles = [m.register_forward_hook(self._hook) for m in self.model.modules()
+                         if _recordable(m)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        entry = self._entries.get(module)
+        if entry is not None:  # called twice (shared module): which call is which is unknown
+            entry.calls += 1
+            return
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            return
+        x = args[0]
+        self._entries[module] = _Entry(
+            x, x._version, output, output._version,
+            tuple((p, p._version) for p in module.parameters(recurse=False)))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """``module``'s recorded output (detached) if it is ``module(x)`` now, else None.
+
+        That holds when the module ran once while recording, on an input with ``x``'s dtype,
+        shape and values (the same memory, or equal element by element), and since then
+        neither that input, nor the output, nor the module's parameters changed in place.
+        """
+        e = self._entries.get(module)
+        if e is None or e.calls != 1:
+            return None
+        if e.out._version != e.out_version or e.x._version != e.x_version:
+            return None
+        if any(p._version != v for p, v in e.params):
+            return None
+        if e.params and e.out.dtype != e.params[0][0].dtype:  # e.g. run under autocast
+            return None
+        rx = e.x
+        if rx.dtype != x.dtype or rx.shape != x.shape or rx.device != x.device:
+            return None
+        same_memory = rx.data_ptr() == x.data_ptr() and rx.stride() == x.stride()
+        if not same_memory and not torch.equal(rx, x):
+            return None
+        return e.out.detach()
