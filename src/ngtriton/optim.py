@@ -115,7 +115,9 @@ class _GuardedOperator:
 
     def __init__(self, op: FisherOperator) -> None:
         self._op = op
-        self.bad = torch.zeros((), dtype=torch.bool, device=op.device)
+        self._host = op.device.type == "cpu"  # reading a CPU scalar costs no synchronisation
+        self._bad_host = False
+        self._bad = torch.zeros((), dtype=torch.bool, device=op.device)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._op, name)
@@ -125,13 +127,17 @@ class _GuardedOperator:
         def product(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             out = attr(v, *args, **kwargs)
             # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks),
-            # so a non-finite output is the product's own doing: one summing pass, no host sync.
-            self.bad = self.bad | ~all_finite(out)
+            # so a non-finite output is the product's own doing: one summing pass, and no host
+            # sync on a GPU.
+            if self._host:
+                self._bad_host = self._bad_host or not bool(all_finite(out))
+            else:
+                self._bad = self._bad | ~all_finite(out)
             return out
         return product
 
     def any_bad(self) -> bool:
-        return bool(self.bad)
+        return self._bad_host or bool(self._bad)
 
 
 class _BoundKwargs(nn.Module):

@@ -32,6 +32,7 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -239,6 +240,17 @@ _TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, fx.Graph]] = (
     weakref.WeakKeyDictionary())
 
 
+@dataclass
+class _Plan:
+    root: weakref.ref  # the traced model (weak: the trace cache is keyed by it)
+    nodes: list[Node]
+    out_node: Node
+    live: set[Node]
+    fused: dict[Node, Node]
+    modules: dict[Node, nn.Module]
+
+
+
 def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
     """What a traced graph depends on: the module tree, train/eval flags, specialised inputs."""
     try:
@@ -433,6 +445,7 @@ class _Builder:
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
         self.fused: dict[Node, Node] = {}  # activation node -> the Linear node fused into it
+        self.modules: dict[Node, nn.Module] = {}  # call_module node -> its module
 
     # -- small helpers ------------------------------------------------------------------------
     def _val(self, a: Any) -> Any:
@@ -453,7 +466,7 @@ class _Builder:
         """The recorded output of the module that ``node`` calls, if it is that module at ``x``."""
         if self.record is None or node is None or node.op != "call_module":
             return None
-        return self.record.lookup(self.root.get_submodule(str(node.target)), x)
+        return self.record.lookup(self._module(node), x)
 
     def _add(self, node: Node, step: Step, value: Any) -> None:
         step.out_slot = self.n_slots
@@ -492,7 +505,12 @@ class _Builder:
         return fn
 
     # -- the pass -----------------------------------------------------------------------------
-    def build(self) -> EngineLinearization:
+    def _plan(self) -> _Plan:
+        """What depends on the graph alone (cached with it): the nodes, the live set, the
+        Linear → activation fusions and each call_module node's module."""
+        plan = getattr(self.graph, "_ngtriton_plan", None)
+        if plan is not None and plan.root() is self.root:
+            return plan
         nodes = list(self.graph.nodes)
         out_node = next(n for n in nodes if n.op == "output")
         live: set[Node] = set()
@@ -502,14 +520,25 @@ class _Builder:
             if n not in live:
                 live.add(n)
                 stack.extend(n.all_input_nodes)
-        skip: set[Node] = set()
+        fused: dict[Node, Node] = {}
         for n in nodes:
             act = self._activation(n)
             src = _arg(n, 0, "input")
             if (act is not None and n in live and isinstance(src, Node)
                     and self._is_linear(src) and len(src.users) == 1):
-                self.fused[n] = src
-                skip.add(src)
+                fused[n] = src
+        modules = {n: self.root.get_submodule(str(n.target)) for n in nodes
+                   if n.op == "call_module"}
+        plan = _Plan(weakref.ref(self.root), nodes, out_node, live, fused, modules)
+        self.graph._ngtriton_plan = plan  # type: ignore[attr-defined]  # dies with the graph
+        return plan
+
+    def build(self) -> EngineLinearization:
+        plan = self._plan()
+        nodes, out_node, live = plan.nodes, plan.out_node, plan.live
+        self.modules = plan.modules
+        self.fused = dict(plan.fused)
+        skip = set(self.fused.values())
 
         n_placeholder = 0
         with torch.no_grad():
@@ -556,9 +585,13 @@ class _Builder:
                                    self.fallbacks)
 
     # -- classification -------------------------------------------------------------------------
+    def _module(self, node: Node) -> nn.Module:
+        mod = self.modules.get(node)
+        return self.root.get_submodule(str(node.target)) if mod is None else mod
+
     def _activation(self, node: Node) -> Activation | None:
         if node.op == "call_module":
-            return _module_activation(self.root.get_submodule(str(node.target)))
+            return _module_activation(self._module(node))
         if node.op == "call_method":
             name = _ACT_METHODS.get(_method_name(node))
             return Activation(name) if name else None
@@ -578,12 +611,12 @@ class _Builder:
 
     def _is_linear(self, node: Node) -> bool:
         if node.op == "call_module":
-            return _same_forward(self.root.get_submodule(str(node.target)), nn.Linear)
+            return _same_forward(self._module(node), nn.Linear)
         return node.op == "call_function" and node.target is F.linear
 
     # -- one node -----------------------------------------------------------------------------
     def _node(self, node: Node, live: bool) -> None:
-        mod = self.root.get_submodule(str(node.target)) if node.op == "call_module" else None
+        mod = self.modules.get(node)
         active_in = [n for n in node.all_input_nodes if n in self.slots]
         mod_params = ([p for p in mod.parameters() if p.requires_grad] if mod is not None
                       else [])

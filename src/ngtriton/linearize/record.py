@@ -75,7 +75,7 @@ class ForwardRecord:
         x = args[0]
         self._entries[module] = _Entry(
             x, x._version, output, output._version,
-            tuple((p, p._version) for p in module.parameters(recurse=False)))
+            tuple((p, p._version) for p in module._parameters.values() if p is not None))
 
     def __len__(self) -> int:
         return len(self._entries)
