@@ -4,7 +4,8 @@ Each group is one model / batch / dtype / device; its baseline is a training ste
 cross-entropy + backward) of the same model and batch. Compared in the same run:
 
 * ngtriton's product on a built operator, per backend (torch engine, autograd, Triton on CUDA),
-  and the cost of building the operator;
+  the cost of building the operator, and (interleaved) a training step whose forward the build
+  then reuses through a ForwardRecord, as NGD does;
 * torch.func jvp + vjp without caching (two forwards per product);
 * torch.func.linearize with its JVP and a VJP closure cached (and torch.compile'd on CUDA);
 * curvlinops' GGN matvec, when curvlinops is installed;
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, linearize, vjp
 
-from ngtriton import FisherOperator, solve
+from ngtriton import FisherOperator, ForwardRecord, solve
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -227,10 +228,19 @@ def test_interleaved_ratios(benchmark, problem):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x).float(), y).backward()
 
+    def train_step_then_recorded_build():
+        """What NGD does: the closure's step under a ForwardRecord, then the build reusing it
+        (its ratio minus 1 is the build's real cost inside NGD)."""
+        model.zero_grad(set_to_none=True)
+        with ForwardRecord(model) as record:
+            F.cross_entropy(model(x).float(), y).backward()
+        FisherOperator(model, x, targets=y, backend=BACKENDS[0], record=record)
+
     contenders = {
         "train_step": train_step,
         "product": lambda: op.fisher_matvec(v),
         "build": lambda: FisherOperator(model, x, targets=y, backend=BACKENDS[0]),
+        "train_step_then_recorded_build": train_step_then_recorded_build,
         "torch_func_jvp_vjp": uncached_product(model, x),
     }
     ggn = curvlinops_ggn(model, x, y) if x.dtype == torch.float32 else None

@@ -1,10 +1,13 @@
 """Triton kernels of ngtriton, each with the torch reference it is tested against.
 
 - :mod:`.ops`: drop-in Triton backend of :mod:`ngtriton.linearize.ops_torch` (``linear_jvp``,
-  ``linear_vjp``, ``layernorm_jvp``, ``layernorm_vjp``), falling back to torch per call.
+  ``linear_vjp``, ``layernorm_jvp``, ``layernorm_vjp``, and ``linear_jvp_fvp``: the last layer's
+  JVP with the output-Fisher product in its epilogue), falling back to torch per call.
 - :mod:`.linear`, :mod:`.layernorm`: the kernels behind it.
 - :mod:`.output`: output-Fisher products (categorical / bernoulli) and their factors.
-- :mod:`.krylov`: fused Krylov vector updates (``cg_update``, ``update_direction``, ``dot``).
+- :mod:`.krylov`: fused Krylov vector updates for CG (``cg_update``, ``update_direction``,
+  ``dot``), MINRES (``sub_scaled_dot``, ``minres_update``) and LSMR (``sub_scaled_dot``,
+  ``normalize``, ``lsmr_update``), scalars kept on the device.
 
 Submodules are imported lazily, so ``import ngtriton`` works without triton installed; only
 :mod:`.linear` and :mod:`.layernorm` need triton to import.

@@ -1,8 +1,12 @@
-"""Vector updates of the Krylov solvers, in plain torch, without host synchronisation.
+"""Vector updates of the Krylov solvers, without host synchronisation.
+
+Each function is one step of a solver's per-iteration vector work. On CUDA (with Triton) it is
+one fused pass of ``ngtriton.kernels.krylov``; elsewhere it runs the plain torch ops the solvers
+have always used, in the same order, so results off CUDA do not depend on the kernels.
 
 Scalars (``alpha``, ``beta``, ...) are 0-d tensors on the vectors' device and are never read on
-the host here. Reductions come back as 0-d tensors (float64 for float64 vectors, float32
-otherwise). ``ngtriton.kernels.krylov`` provides fused Triton versions with the same signatures.
+the host here, except on the CPU, where reading one is free and lets a branch replace a masking
+pass. Reductions come back as 0-d tensors (float64 for float64 vectors, float32 otherwise).
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ def norm(a: Tensor) -> Tensor:
 
 
 def _fused(x: Tensor) -> Any:
-    """``ngtriton.kernels.krylov`` for CUDA vectors when Triton is there, else None."""
+    """``ngtriton.kernels.krylov`` for CUDA vectors when Triton is there, else None.
+
+    The one dispatch predicate of this module: tests replace it (``monkeypatch.setattr``) by
+    one returning the module for CPU vectors too, to run the solvers through the kernels in the
+    Triton interpreter.
+    """
     if not x.is_cuda:
         return None
     from ..kernels import triton_available
@@ -74,13 +83,92 @@ def axpy(y: Tensor, x: Tensor, a: Tensor) -> Tensor:
     return y.addcmul_(x, a.to(y.dtype))
 
 
-def minres_update(x: Tensor, v: Tensor, w1: Tensor, w2: Tensor, oldeps: Tensor, delta: Tensor,
-                  denom: Tensor, phi: Tensor) -> Tensor:
-    """MINRES direction and step: ``w1 ← (v − ε w1 − δ w2)·denom`` (in place), ``x += φ w1``.
+def _zero_unless(t: Tensor, keep: Tensor) -> Tensor:
+    """``t ← 0`` (NaN/Inf included) unless the 0-d bool ``keep``, in place. On the CPU a host
+    branch (no pass at all in the usual case), elsewhere a masked fill (no synchronisation)."""
+    if t.device.type == "cpu":
+        if not bool(keep):
+            t.zero_()
+        return t
+    return t.masked_fill_(~keep, 0)
+
+
+def lanczos_project(y: Tensor, Av: Tensor, r1: Tensor, v: Tensor, ratio: Tensor) -> Tensor:
+    """MINRES's Lanczos step, first half: ``y ← Av − ratio·r1`` into the buffer ``y``; returns
+    ``α = v·y`` (one fused pass on CUDA)."""
+    if Av.dtype != y.dtype:  # a matvec returning another dtype: work in the solver's
+        Av = Av.to(y.dtype)
+    fused = _fused(y)
+    if fused is not None:
+        return fused.sub_scaled_dot(y, Av, r1, ratio, v)
+    torch.addcmul(Av, r1, -ratio.to(y.dtype), out=y)
+    return dot(v, y)
+
+
+def lanczos_orthogonalize(y: Tensor, r2: Tensor, coef: Tensor, keep: Tensor) -> Tensor:
+    """MINRES's Lanczos step, second half: ``y ← y − coef·r2`` in place, all zeros unless
+    ``keep`` (a non-finite ``α``: nothing of that product may leak on); returns ``‖y‖`` (one
+    fused pass on CUDA)."""
+    fused = _fused(y)
+    if fused is not None:
+        return fused.sub_scaled_dot(y, y, r2, coef, keep=keep).sqrt()
+    _zero_unless(y, keep).addcmul_(r2, -coef.to(y.dtype))
+    return norm(y)
+
+
+def minres_update(x: Tensor, v: Tensor, w1: Tensor, w2: Tensor, y: Tensor, oldeps: Tensor,
+                  delta: Tensor, denom: Tensor, phi: Tensor, vscale: Tensor) -> Tensor:
+    """MINRES direction and step, and the next Lanczos vector: ``w1 ← (v − ε w1 − δ w2)·denom``,
+    ``x += φ w1``, then ``v ← vscale·y``, all in place (one fused pass on CUDA).
 
     Returns ``w1``, which now holds the newest direction (the caller rotates its buffers).
     """
+    fused = _fused(x)
+    if fused is not None:
+        return fused.minres_update(x, v, w1, w2, y, oldeps, delta, denom, phi, vscale)
     dt = x.dtype
     w1.mul_(-oldeps.to(dt)).addcmul_(w2, -delta.to(dt)).add_(v).mul_(denom.to(dt))
     x.addcmul_(w1, phi.to(dt))
+    torch.mul(y, vscale.to(dt), out=v)
     return w1
+
+
+def bidiag_step(u: Tensor, Av: Tensor, alpha: Tensor) -> Tensor:
+    """Golub-Kahan step of LSMR: ``u ← Av − α u`` in place; returns ``‖u‖`` (one fused pass on
+    CUDA)."""
+    if Av.dtype != u.dtype:
+        Av = Av.to(u.dtype)
+    fused = _fused(u)
+    if fused is not None:
+        return fused.sub_scaled_dot(u, Av, u, alpha).sqrt()
+    torch.addcmul(Av, u, -alpha.to(u.dtype), out=u)
+    return norm(u)
+
+
+def _unit_(v: Tensor, nv: Tensor) -> Tensor:
+    """``v ← v/nv`` in place, all zeros when ``nv`` is 0 or not finite (torch ops)."""
+    good = torch.isfinite(nv) & (nv > 0)
+    v.mul_(torch.where(good, 1 / torch.where(good, nv, 1), 0).to(v.dtype))
+    return _zero_unless(v, good)
+
+
+def normalize(v: Tensor, nv: Tensor) -> Tensor:
+    """``v ← v/‖v‖`` in place given ``nv = ‖v‖``, all zeros when it is 0 or not finite."""
+    fused = _fused(v)
+    if fused is not None:
+        return fused.normalize(v, nv)
+    return _unit_(v, nv)
+
+
+def lsmr_update(x: Tensor, h: Tensor, hbar: Tensor, v: Tensor, nv: Tensor, c1: Tensor,
+                c2: Tensor, c3: Tensor) -> Tensor:
+    """LSMR's vector work after the rotations: ``v ← v/nv`` (as :func:`normalize`),
+    ``h̄ ← h − c₁ h̄``, ``x += c₂ h̄``, ``h ← v − c₃ h``, in place (one fused pass on CUDA)."""
+    fused = _fused(x)
+    if fused is not None:
+        return fused.lsmr_update(x, h, hbar, v, nv, c1, c2, c3)
+    _unit_(v, nv)
+    update_direction(hbar, h, -c1)
+    axpy(x, hbar, c2)
+    update_direction(h, v, -c3)
+    return x

@@ -48,6 +48,11 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
     ``β ≤ eps·‖A‖``: Krylov space exhausted); on non-finite scalars (breakdown, iterate frozen);
     or after ``maxiter`` iterations (default ``min(2·min(len(b), len(x)) + 10, 10_000)``).
     ``check_every``: as in :func:`~ngtriton.solvers.cg`.
+
+    Per iteration, besides the two products, the vector work is four passes on CUDA (fused
+    kernels through ``_vecops``: ``u = Av − α u`` with ``‖u‖``, ``u /= ‖u‖``, ``v = Aᵀu − β v``
+    with ``‖v‖``, then ``v /= ‖v‖`` with the ``h̄``, ``x``, ``h`` updates), with every scalar on
+    the device.
     """
     b = check_vector(b, "b")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
@@ -79,17 +84,15 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
     norma2 = alpha * alpha
     h, hbar, x = v.clone(), torch.zeros_like(v), torch.zeros_like(v)
     mon = Monitor(const(1.0), max(tol, atol / normar0), check_every)
+    # u, v, h, h̄, x are this solve's own buffers (u, v fresh from _unit), updated in place
     for _ in range(maxiter):
-        u = torch.addcmul(matvec(v), u, -alpha.to(b.dtype))
-        beta = vo.norm(u)
+        beta = vo.bidiag_step(u, matvec(v), alpha)  # u = Av − α u, β = ‖u‖
         finb = torch.isfinite(beta)
         beta = torch.where(finb, beta, 0)
-        u = _unit(u, beta)
-        v = torch.addcmul(rmatvec(u), v, -beta.to(v.dtype))
-        alpha = vo.norm(v)
+        vo.normalize(u, beta)
+        alpha = vo.bidiag_step(v, rmatvec(u), beta)  # v = Aᵀu − β v, α = ‖v‖
         fina = torch.isfinite(alpha)
         alpha = torch.where(fina, alpha, 0)
-        v = _unit(v, alpha)
         # rotations: Q̂ (damping), Q (bidiagonal → upper), Q̄ (Rᵀ → R̄)
         _, _, alphahat = _rotation(alphabar, dmp)
         rhoold = rho
@@ -106,9 +109,7 @@ def lsmr(matvec: Matvec, rmatvec: Matvec, b: Tensor, *, damp: float = 0.0, tol: 
         c1 = torch.where(ok, thetabar * rho / torch.where(ok, den1, 1), 0)
         c2 = torch.where(ok, zeta / torch.where(ok, den2, 1), 0)
         c3 = torch.where(ok, thetanew / torch.where(ok, rho, 1), 0)
-        vo.update_direction(hbar, h, -c1)
-        vo.axpy(x, hbar, c2)
-        vo.update_direction(h, v, -c3)
+        vo.lsmr_update(x, h, hbar, v, alpha, c1, c2, c3)  # v /= α; h̄, x, h
         norma2 = norma2 + beta * beta + alpha * alpha
         norma = norma2.sqrt()
         exhausted = finb & fina & ((beta <= eps * norma) | (alpha <= eps * norma))

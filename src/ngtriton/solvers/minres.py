@@ -35,6 +35,10 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
     ``lstsq=True`` also stops, as converged, when ``‖M r‖ ≤ tol·‖M‖·‖r‖`` (a least-squares
     solution of an inconsistent system has been reached; ``residual`` then stays large).
     ``check_every``: as in :func:`~ngtriton.solvers.cg`.
+
+    Per iteration, besides the product, the vector work is three passes on CUDA (fused kernels
+    through ``_vecops``: the Lanczos recurrence with ``α``, its second half with ``‖·‖``, then
+    the direction, solution and next Lanczos vector), with every scalar on the device.
     """
     b = check_vector(b, "b")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
@@ -59,22 +63,29 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
     def zero() -> Tensor:
         return torch.zeros((), dtype=sdt, device=b.device)
 
+    def inverse(t: Tensor) -> Tensor:  # 1/t, 0 where t = 0
+        return torch.where(t > 0, 1 / torch.where(t > 0, t, 1), 0)
+
     oldb, dbar, epsln, tnorm2, sn = zero(), zero(), zero(), zero(), zero()
     cs = -torch.ones((), dtype=sdt, device=b.device)
     phibar = beta.clone()
-    r2, y = r1, r1
+    # Lanczos vectors: r1, r2 the last two (unnormalised), v = r2/β the current one; y is
+    # written into the spare buffer, then the three rotate. r1 = r2 = the residual at the start.
+    r2, spare = r1, torch.empty_like(b)
+    v = r1 * inverse(beta).to(b.dtype)
     w1, w2 = torch.zeros_like(b), torch.zeros_like(b)  # w_{k-2}, w_{k-1}
     for _ in range(maxiter):
-        v = y * torch.where(beta > 0, 1 / torch.where(beta > 0, beta, 1), 0).to(b.dtype)
+        y = spare
         ratio = torch.where(oldb > 0, beta / torch.where(oldb > 0, oldb, 1), 0)
-        y = torch.addcmul(matvec(v), r1, -ratio.to(b.dtype))
-        alfa = vo.dot(v, y)
+        alfa = vo.lanczos_project(y, matvec(v), r1, v, ratio)  # y = Av − (β/β₋₁) r1, α = v·y
         fin = torch.isfinite(alfa)
         alfa = torch.where(fin, alfa, 0)
-        y = torch.where(fin, y, 0)  # a non-finite product must not leak into the iterates
-        vo.axpy(y, r2, -torch.where(beta > 0, alfa / torch.where(beta > 0, beta, 1), 0))
+        coef = torch.where(beta > 0, alfa / torch.where(beta > 0, beta, 1), 0)
+        # y −= (α/β) r2 and ‖y‖; a non-finite product must not leak into the iterates
+        ynorm = vo.lanczos_orthogonalize(y, r2, coef, fin)
+        spare = r1 if r1 is not r2 else torch.empty_like(b)
         r1, r2 = r2, y
-        oldb, beta = beta, vo.norm(y)
+        oldb, beta = beta, ynorm
         fin = fin & torch.isfinite(beta)
         beta = torch.where(fin, beta, 0)
         tnorm2 = tnorm2 + alfa * alfa + oldb * oldb + beta * beta
@@ -100,7 +111,8 @@ def minres(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 
         sn = torch.where(ok, beta / gamma_s, sn)
         phi = torch.where(ok, cs * phibar, 0)
         denom = torch.where(ok, 1 / gamma_s, 0)
-        w = vo.minres_update(x, v, w1, w2, oldeps, delta, denom, phi)
+        # x += φ w with w the new direction (into w1's buffer); v = y/β for the next step
+        w = vo.minres_update(x, v, w1, w2, y, oldeps, delta, denom, phi, inverse(beta))
         w1, w2 = w2, w
         phibar = torch.where(ok, sn * phibar, phibar)
         exhausted = fin & (singular | (beta <= 10 * eps * anorm))
