@@ -86,3 +86,31 @@ def test_triton_other_likelihoods_and_a_solve(likelihood):
         a = solve(op, method=method, tol=0.0, maxiter=8)
         b = solve(ref, method=method, tol=0.0, maxiter=8)
         close(a.x, b.x, torch.float32)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_triton_batched_factor_products_run_vmapped_through_torch(likelihood, monkeypatch):
+    """A V and Aᵀ U on the Triton backend: one vmapped pass through the engine's torch ops (no
+    Triton kernel, no column loop), equal to the torch backend's; the operator is unchanged
+    afterwards and its single products go back to the kernels."""
+    torch.manual_seed(3)
+    model = mlp(nn.Tanh, True, 4 if likelihood == "categorical" else 1, torch.float32)
+    x = torch.randn(10, 12, device=DEVICE)
+    ref = FisherOperator(model, x, likelihood, backend="torch")
+    op = FisherOperator(model, x, likelihood, backend="triton")
+    V = torch.randn(op.num_params, 7, device=DEVICE)
+    U = torch.randn(op.num_rows, 5, device=DEVICE)
+    calls: dict[str, int] = {}
+    for mod, name in [(k_linear, "linear_jvp"), (k_linear, "linear_vjp"),
+                      (k_layernorm, "layernorm_jvp"), (k_output, "categorical_factor_t")]:
+        counting(monkeypatch, mod, name, calls)
+    close(op.factor_matmat(V), ref.factor_matmat(V), torch.float32)
+    close(op.factor_rmatmat(U), ref.factor_rmatmat(U), torch.float32)
+    assert calls == {}
+    lin, kernels = op.linearization, op._kernels
+    close(op.factor_matvec(V[:, 0]), ref.factor_matvec(V[:, 0]), torch.float32)
+    assert calls.get("linear_jvp", 0) > 0
+    assert op.linearization is lin and op._kernels is kernels
+    direct = solve(op, op.fisher_matvec(V[:, 1]), method="dual-direct")
+    close(direct.x, solve(ref, ref.fisher_matvec(V[:, 1]), method="dual-direct").x,
+          torch.float32)

@@ -13,10 +13,11 @@ The three Fisher types differ only in the per-example factor ``Lᵢ`` (the rows 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -249,16 +250,33 @@ class FisherOperator:
         return self._vjp(self._factor(u) * self._scale)
 
     def _columns(self, fn: Any, M: Tensor) -> Tensor:
-        """``fn`` applied to every column of ``M``: vmapped on the torch engine (its rules are
-        plain torch ops), one column at a time otherwise."""
-        if self.backend == "torch":
-            try:
-                with warnings.catch_warnings():  # in-place ops fall back to a loop inside vmap
-                    warnings.simplefilter("ignore", UserWarning)
+        """``fn`` applied to every column of ``M``: vmapped on the engine (its rules are plain
+        torch ops; on the Triton backend the batched pass runs them through torch, cuBLAS on a
+        GPU, since Triton kernels do not vmap), one column at a time otherwise."""
+        if self.backend in ("torch", "triton"):
+            with self._torch_products(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # in-place ops loop inside vmap
+                try:
                     return torch.func.vmap(fn, in_dims=1, out_dims=1)(M)
-            except RuntimeError:  # a fallback module that vmap cannot batch
-                pass
+                except RuntimeError:  # a fallback module that vmap cannot batch
+                    pass
         return torch.stack([fn(c) for c in M.unbind(1)], dim=1)
+
+    @contextlib.contextmanager
+    def _torch_products(self) -> Iterator[None]:
+        """Products through the torch engine ops and the likelihood's torch output factor."""
+        with_ops = getattr(self.linearization, "with_ops", None)
+        if self.backend != "triton" or with_ops is None:
+            yield
+            return
+        from .linearize import ops_torch
+
+        saved = self.linearization, self._kernels
+        self.linearization, self._kernels = with_ops(ops_torch), None
+        try:
+            yield
+        finally:
+            self.linearization, self._kernels = saved
 
     def factor_matmat(self, V: Tensor) -> Tensor:
         """``A V`` for ``V`` of shape (P, c): batched when the linearization supports it."""

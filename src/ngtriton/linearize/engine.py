@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import inspect
 import math
 import operator
@@ -313,6 +314,18 @@ class EngineLinearization:
                       for step, f in zip(steps, frees)]
         # the step that writes the output (the one an output epilogue goes to), if any
         self._out_step = next((i for i, st in enumerate(steps) if st.out_slot == out_slot), -1)
+
+    def with_ops(self, ops: ModuleType) -> EngineLinearization:
+        """The same linearization (same cached values, no new forward) whose Linear and
+        LayerNorm steps call ``ops``: e.g. :mod:`~ngtriton.linearize.ops_torch` for products
+        that ``torch.func.vmap`` batches, which Triton kernels cannot be."""
+        twin = copy.copy(self)
+        twin.steps = [copy.copy(st) for st in self.steps]
+        for st in twin.steps:
+            if hasattr(st, "ops"):
+                st.ops = ops
+        twin._plan = [(st, *rest) for st, (_, *rest) in zip(twin.steps, self._plan)]
+        return twin
 
     def _check_fresh(self) -> None:
         if tuple(p._version for p in self.params) != self._versions:
