@@ -191,6 +191,8 @@ FAULTS = [
     ("gradient -Inf", "nonfinite_grad", "2.weight", inj_grad(-math.inf)),
     ("Fisher product NaN (cg)", "nonfinite_curvature", "Fisher product",
      inj_product("fisher_matvec", math.nan, "cg")),
+    ("Fisher product Inf at CG's 3rd product", "nonfinite_curvature", "Fisher product",
+     inj_product("fisher_matvec", math.inf, "cg", on_call=3)),
     ("Fisher product Inf (minres)", "nonfinite_curvature", "Fisher product",
      inj_product("fisher_matvec", math.inf, "minres")),
     ("Fisher product NaN (lsmr)", "nonfinite_curvature", "Fisher product",

@@ -118,6 +118,11 @@ class _GuardedOperator:
         self._host = op.device.type == "cpu"  # reading a CPU scalar costs no synchronisation
         self._bad_host = False
         self._bad = torch.zeros((), dtype=torch.bool, device=op.device)
+        # last_only: check only the newest product, when any_bad() is asked. Right for CG's
+        # host loop, which stops at the first non-finite product (its pᵀAp is then non-finite:
+        # NaN·x, Inf·0 and Inf − Inf are all NaN), so a bad product is always the last one.
+        self.last_only = False
+        self._last: Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._op, name)
@@ -129,7 +134,9 @@ class _GuardedOperator:
             # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks),
             # so a non-finite output is the product's own doing: one summing pass, and no host
             # sync on a GPU.
-            if self._host:
+            if self.last_only:
+                self._last = out
+            elif self._host:
                 self._bad_host = self._bad_host or not bool(all_finite(out))
             else:
                 self._bad = self._bad | ~all_finite(out)
@@ -137,6 +144,9 @@ class _GuardedOperator:
         return product
 
     def any_bad(self) -> bool:
+        if self._last is not None:
+            self._bad_host = self._bad_host or not bool(all_finite(self._last))
+            self._last = None
         return self._bad_host or bool(self._bad)
 
 
@@ -602,6 +612,7 @@ class NGD(torch.optim.Optimizer):
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
         method = self._resolve_method(op, x0)
+        op.last_only = method == "cg" and op.device.type == "cpu"  # CG's host loop: see there
         try:
             with torch.no_grad():
                 result = solve(op, g, method=method, tol=self.tol, maxiter=self.maxiter, x0=x0)
