@@ -1,4 +1,4 @@
-"""Benchmarks of the fused Linear JVP kernel against the same products in torch (cuBLAS).
+"""Benchmarks of the fused Linear JVP kernels against the same products done separately.
 
 Run on a CUDA machine (skipped otherwise)::
 
@@ -11,6 +11,13 @@ in-place ``addmm``) plus the bias add and the ``σ′`` product as separate pass
 ``4·M·N·K`` flops; ``benchmark.extra_info`` records the achieved TFLOP/s, from pytest-benchmark's
 mean (host timer, one synchronisation per round of ``REPS`` calls) and from
 ``triton.testing.do_bench`` (CUDA events).
+
+``test_linear_jvp_fvp`` times the last layer's JVP with the categorical output-Fisher product in
+its epilogue (``ops.linear_jvp_fvp``: one kernel, ``ẏ`` never leaves registers) against the
+unfused path (``ops.linear_jvp``, then ``kernels.output.categorical_fvp`` and the scale: what
+``ops.linear_jvp_fvp`` falls back to), for output widths 10 and 256 over the same (M, K). The
+unfused path is the group's baseline; the fused one also records
+``speedup_vs_separate_do_bench``, both paths timed by ``do_bench`` in the same test.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from ngtriton.kernels import linear as K  # noqa: E402
-from ngtriton.kernels import set_matmul_precision  # noqa: E402
+from ngtriton.kernels import ops, set_matmul_precision  # noqa: E402
+from ngtriton.kernels import output as O  # noqa: E402
 from ngtriton.linearize import ops_torch as R  # noqa: E402
 
 # (M, K, N): batch rows, in_features, out_features
@@ -36,6 +44,7 @@ MODES = [
     ("bf16", torch.bfloat16, "tf32"),
 ]
 REPS = 10
+FVP_WIDTHS = [10, 256]  # output widths of the categorical last layer
 
 
 def _inputs(M, Kd, N, dtype):
@@ -96,3 +105,47 @@ def test_linear_jvp(benchmark, impl, shape, mode, precision):
         ref = R.linear_jvp(*(a.float() for a in args))
         err = (fn().float() - ref).abs().max() / ref.abs().max()
         benchmark.extra_info["max_rel_err_vs_fp32"] = float(err)
+
+
+def _fvp_paths(M, Kd, N, dtype):
+    """(fused, separate) closures computing ``(1/M) · F_R ẏ`` for a categorical last layer."""
+    args = _inputs(M, Kd, N, dtype)
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1)
+    p = torch.softmax(2 * torch.randn(M, N, device="cuda", generator=g), -1).to(dtype)
+    scale = 1.0 / M
+
+    def fused():
+        return ops.linear_jvp_fvp(*args, p, "categorical", scale)
+
+    def separate():
+        return O.categorical_fvp(p, ops.linear_jvp(*args)).mul_(scale)
+
+    return fused, separate
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:2])))
+@pytest.mark.parametrize("width", FVP_WIDTHS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("impl", ["fused", "separate"])
+def test_linear_jvp_fvp(benchmark, impl, width, shape, mode, precision):
+    label, dtype, prec = mode
+    precision(prec)
+    M, Kd, _ = shape
+    fused, separate = _fvp_paths(M, Kd, width, dtype)
+    fn = fused if impl == "fused" else separate
+    benchmark.group = f"linear_jvp_fvp {label} {M}x{Kd}x{width}"
+    benchmark.extra_info.update(impl=impl, dtype=label, M=M, K=Kd, N=width)
+    if impl == "separate":
+        benchmark.extra_info["baseline"] = True  # benchmarks/conftest.py: ratio_to_baseline
+    _bench(benchmark, fn, 4 * M * width * Kd)
+    if impl == "fused":
+        separate()  # compiled and tuned before timing
+        torch.cuda.synchronize()
+        ms_sep = triton.testing.do_bench(separate, warmup=25, rep=100)
+        benchmark.extra_info["ms_separate_do_bench"] = ms_sep
+        benchmark.extra_info["speedup_vs_separate_do_bench"] = (
+            ms_sep / benchmark.extra_info["ms_do_bench"])
+        ref = separate().float()
+        err = (fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        benchmark.extra_info["max_rel_err_vs_separate"] = float(err)

@@ -44,3 +44,18 @@ def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, dty
     tol = TOL[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"],
                                atol=tol["atol"] * scale)
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, targets: list[tuple[object, str]]) -> list[str]:
+    """Wrap each ``(module, name)`` function so that its calls are appended, by name, to the
+    returned list (in call order)."""
+    calls: list[str] = []
+    for mod, name in targets:
+        orig = getattr(mod, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(mod, name, wrapped)
+    return calls

@@ -1,109 +1,460 @@
-"""Compile every kernel for Hopper (sm_90) ahead of time, without a GPU.
+"""Compile the kernels for Hopper (sm_90) ahead of time, without a GPU, and check their form.
 
 The interpreter runs the kernels' Python, not Triton's compiler: this catches what only the
-compiler rejects (unsupported constructs, layouts, shared memory). It runs in a subprocess with
-``TRITON_INTERPRET`` unset and needs Triton's NVIDIA backend (bundled ptxas). On a CUDA machine
+compiler rejects (unsupported constructs, layouts, shared memory), and what only the compiled
+code shows: register spills, whether the K-loop is software-pipelined (``cp.async`` copies into a
+ring of ``num_stages`` shared-memory buffers) and whether the dots run on wgmma. It runs Triton's
+NVIDIA backend (bundled ptxas) in a subprocess with ``TRITON_INTERPRET`` unset; on a CUDA machine
 the other tests compile the kernels anyway.
+
+The Linear kernels are compiled as a launch compiles them: integer arguments equal to 1 (unit
+strides of contiguous tensors) become constants and those divisible by 16 carry that hint, for a
+representative shape (M, N, K) = (4096, 1024, 1024), N = 256 and 16 for the categorical row
+kernel. Every entry of every autotune table is compiled in fp16, bf16, fp32 with tf32 and fp32
+"ieee"; the entries the kernel's own pruner keeps for that launch must be spill-free and
+pipelined. Print the table::
+
+    PYTHONPATH=src python tests/kernels/test_compile_sm90.py            # all of it
+    PYTHONPATH=src python tests/kernels/test_compile_sm90.py jvp bf16   # rows matching all words
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import re
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from ngtriton.kernels import _common, krylov, layernorm, linear, output
+# ----------------------------------------------------------------------------------------------
+# Compile side: runs in the subprocess (no TRITON_INTERPRET); imports triton and ngtriton lazily.
+# ----------------------------------------------------------------------------------------------
 
-TARGET = GPUTarget("cuda", 90, 32)
+SHAPE = (4096, 1024, 1024)  # (M, N, K)
+MODES = {  # label: (pointer dtype, input_precision of the dots)
+    "fp16": ("fp16", "tf32"),
+    "bf16": ("bf16", "tf32"),
+    "fp32-tf32": ("fp32", "tf32"),
+    "fp32-ieee": ("fp32", "ieee"),
+}
+_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build(kernel, dtype, consts, ptrs=None, num_warps=4, num_stages=3, scalars=None):
+@dataclass
+class Case:
+    """One compile: ``kernel`` (attribute of ``module``) with launch-like ``args`` (pointer dtypes
+    as strings, None for absent tensors, ints, floats) and constexprs ``consts``."""
+
+    name: str
+    mode: str
+    module: str
+    kernel: str
+    args: dict
+    consts: dict
+    num_warps: int
+    num_stages: int
+    tile: str = ""
+    selectable: bool = True  # kept by the kernel's pruner for this launch
+    stage_bytes: int = 0  # operand bytes per pipeline stage (0: no K-loop to pipeline)
+    loop_loads: int = 0  # loads per K-loop step that must become async copies
+    words: list = field(default_factory=list)
+
+
+def _jit_fn(kernel):
+    import triton
+
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
-    ptrs = ptrs or {}
-    scalars = scalars or {}
-    sig = {}
-    for name in fn.arg_names:
+    return fn
+
+
+def compile_case(case: Case) -> dict:
+    """Compile ``case`` for sm_90 and measure it (see :func:`measure`); errors are recorded."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(getattr(importlib.import_module(f"ngtriton.kernels.{case.module}"), case.kernel))
+    sig, consts, attrs = {}, dict(case.consts), {}
+    for i, name in enumerate(fn.arg_names):  # as the launcher specializes its arguments
         if name in consts:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ptrs.get(name, dtype)
+            continue
+        v = case.args[name]
+        if v is None:
+            sig[name], consts[name] = "constexpr", None
+        elif isinstance(v, str):
+            sig[name], attrs[(i,)] = "*" + v, [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1:
+            sig[name], consts[name] = "constexpr", 1
         else:
-            sig[name] = scalars.get(name, "i32")
-    opts = dict(num_warps=num_warps, num_stages=num_stages)
-    triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts)
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output: registers and spills
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas
+    log = io.StringIO()
+    rec = {**asdict(case)}
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=case.num_warps,
+                                            num_stages=case.num_stages))
+    except Exception as e:  # recorded and asserted on
+        rec["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+        return rec
+    rec.update(measure(k.asm["ttgir"], k.asm["ptx"], log.getvalue(), k.metadata.shared))
+    return rec
 
 
-F32 = dict(scale="fp32")
-for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tf32")):
-    build(linear._linear_jvp_kernel, dt, dict(
-        HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True, EPILOGUE=0, PRECISION=prec,
-        BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP=8, st_ptr=None), num_warps=8, scalars=F32)
-build(linear._linear_jvp_kernel, "fp16", dict(
-    HAS_XDOT=False, HAS_WDOT=True, HAS_BDOT=False, HAS_DACT=False, EPILOGUE=0, PRECISION="tf32",
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP=8, xd_ptr=None, bd_ptr=None, da_ptr=None,
-    st_ptr=None), scalars=F32)
-# the output-Fisher epilogues: categorical on a whole 256-wide row, bernoulli on any tile
-for dt, prec, bm, warps in (("fp32", "ieee", 64, 8), ("bf16", "tf32", 128, 8),
-                            ("fp16", "tf32", 64, 4)):
-    build(linear._linear_jvp_row_kernel, dt, dict(
-        HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True, EPILOGUE=1, PRECISION=prec,
-        BLOCK_M=bm, BLOCK_N=256, BLOCK_K=32, GROUP=8), num_warps=warps, scalars=F32)
-build(linear._linear_jvp_kernel, "bf16", dict(
-    HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=False, HAS_DACT=False, EPILOGUE=2, PRECISION="tf32",
-    BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP=8, bd_ptr=None, da_ptr=None), num_warps=8,
-    scalars=F32)
-build(linear._linear_vjp_dx_kernel, "bf16", dict(
-    HAS_DACT=True, PRECISION="tf32", BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP=8), num_warps=8)
-build(linear._linear_vjp_dw_kernel, "bf16", dict(
-    HAS_DACT=True, NEED_W=True, NEED_B=True, PRECISION="tf32", BLOCK_N=128, BLOCK_K=128,
-    BLOCK_M=64, GROUP=8), ptrs=dict(gw_ptr="fp32", gb_ptr="fp32"), num_warps=8)
-build(linear._linear_vjp_dw_kernel, "fp32", dict(
-    HAS_DACT=False, NEED_W=False, NEED_B=True, PRECISION="ieee", BLOCK_N=128, BLOCK_K=128,
-    BLOCK_M=64, GROUP=8, da_ptr=None, gw_ptr=None))
-build(_common._sum_partials_kernel, "bf16", dict(BLOCK=1024), ptrs=dict(part_ptr="fp32"))
-build(layernorm._layernorm_jvp_kernel, "bf16", dict(
-    HAS_XDOT=True, HAS_W=True, HAS_WDOT=True, HAS_BDOT=True, BLOCK_R=4, BLOCK_D=1024),
-    ptrs=dict(rstd_ptr="fp32"), num_stages=1)
-build(layernorm._layernorm_vjp_kernel, "bf16", dict(
-    HAS_W=True, NEED_X=True, NEED_W=True, NEED_B=True, BLOCK_R=4, BLOCK_D=1024),
-    ptrs=dict(rstd_ptr="fp32", gw_ptr="fp32", gb_ptr="fp32"), num_stages=1)
-for single, block in ((True, 128), (False, 4096)):
-    for mode in (0, 1, 2):
-        build(output._categorical_kernel, "bf16", dict(MODE=mode, BLOCK=block, SINGLE=single),
-              num_stages=1)
-build(output._bernoulli_kernel, "fp16", dict(SQRT=True, BLOCK=2048), num_stages=1)
-for dt, acc in (("bf16", "fp32"), ("fp64", "fp64")):
-    build(krylov._cg_update_kernel, dt, dict(BLOCK=4096),
-          ptrs=dict(alpha_ptr="fp32", part_ptr=acc), num_warps=8, num_stages=1)
-    build(krylov._update_direction_kernel, dt, dict(BLOCK=4096, ACC64=dt == "fp64"),
-          ptrs=dict(beta_ptr="fp64"), num_warps=8, num_stages=1)
-    build(krylov._dot_kernel, dt, dict(BLOCK=4096), ptrs=dict(part_ptr=acc), num_warps=8,
-          num_stages=1)
-print("compiled")
-'''
+def measure(ttgir: str, ptx: str, ptxas_log: str, shared: int) -> dict:
+    """What the compiled kernel looks like: registers and spill bytes (ptxas), shared memory,
+    depth of the multi-buffered shared-memory rings (= effective num_stages), async copies
+    (TTGIR ``ttg.async_copy_global_to_local``, PTX ``cp.async``), wgmma (TTGIR
+    ``ttng.warp_group_dot``, PTX ``wgmma.mma_async``) and its waits, ``mma.sync``."""
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    rings = [int(m.group(1)) for m in re.finditer(
+        r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    waits = [int(p) for p in re.findall(r"ttng\.warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
+    return dict(
+        regs=int(regs.group(1)) if regs else -1,
+        spill=int(spill.group(1)) + int(spill.group(2)) if spill else -1,
+        smem=shared,
+        rings=len(rings),
+        ring_depth=max(rings, default=0),
+        async_copy=ttgir.count("ttg.async_copy_global_to_local"),
+        cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
+        wgmma=len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
+        ptx_wgmma=ptx.count("wgmma.mma_async"),
+        wgmma_waits0=sum(p == 0 for p in waits),
+        wgmma_waits1=sum(p > 0 for p in waits),
+        mma_sync=ptx.count("mma.sync"),
+    )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels compile in the tests")
-def test_kernels_compile_for_sm90():
+def _selectable(kernel, configs, named_args: dict, kwargs: dict) -> list[bool]:
+    """Which of ``configs`` the autotuner's ``early_config_prune`` keeps for this launch (meta
+    tensors stand in for the arguments; the pruner assumes an H100's SM count)."""
+    prune = kernel.early_config_prune
+    if prune is None:
+        return [True] * len(configs)
+    kept = prune(configs, named_args, **kwargs)
+    return [any(c is k for k in kept) for c in configs]
+
+
+def _meta(dt: str | None):
+    return None if dt is None else torch.empty(0, dtype=_TORCH[dt], device="meta")
+
+
+def _tile_cases(kernel_name: str, name: str, args: dict, consts: dict, names: tuple,
+                stage_elems, loop_loads: int, words: list, fixed: dict | None = None
+                ) -> list[Case]:
+    """One case per config of the autotuned ``kernel_name`` per mode."""
+    from ngtriton.kernels import linear
+
+    kernel = getattr(linear, kernel_name)
+    fixed = fixed or {}
+    cases = []
+    for mode, (dt, prec) in MODES.items():
+        a = {k: (dt if v == "T" else v) for k, v in args.items()}
+        named = {k: (_meta(v) if isinstance(v, str) else (None if v is None else v))
+                 for k, v in a.items()}
+        kw = {**consts, **fixed, "PRECISION": prec}
+        sel = _selectable(kernel, kernel.configs, named, kw)
+        for cfg, ok in zip(kernel.configs, sel):
+            if cfg.tensor_cores != (prec != "ieee"):
+                continue  # the other dot kind's table: never selected in this mode
+            c = {**kw, **cfg.kwargs}
+            tile = tuple(c[n] for n in names)
+            c.update(_heuristics(kernel, {**a, **c}))
+            cases.append(Case(
+                name=name, mode=mode, module="linear", kernel=kernel_name, args=a, consts=c,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                tile="x".join(map(str, tile)), selectable=ok,
+                stage_bytes=stage_elems((*tile, cfg.num_warps, cfg.num_stages), c)
+                * _ITEMSIZE[dt],
+                loop_loads=loop_loads, words=[name, mode, *words]))
+    return cases
+
+
+def _heuristics(kernel, args: dict) -> dict:
+    """The constexprs the kernel's ``triton.heuristics`` derive from these arguments."""
+    import triton
+
+    fn, out = kernel, {}
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        if isinstance(fn, triton.runtime.autotuner.Heuristics):
+            out.update({name: rule(args) for name, rule in fn.values.items()})
+        fn = fn.fn
+    return out
+
+
+def _jvp_args(M: int, N: int, K: int, state: bool) -> dict:
+    return dict(
+        x_ptr="T", xd_ptr="T", w_ptr="T", wd_ptr="T", bd_ptr="T", da_ptr="T",
+        st_ptr="T" if state else None, out_ptr="T", M=M, N=N, K=K, M_BUCKET=M,
+        s_xm=K, s_xk=1, s_xdm=K, s_xdk=1, s_wn=K, s_wk=1, s_wdn=K, s_wdk=1, s_bd=1,
+        s_dam=N, s_dan=1, s_stm=N if state else 0, s_stn=1 if state else 0, s_om=N, s_on=1,
+        scale=1.0)
+
+
+def audit_cases() -> list[Case]:
+    """The Linear tiles (every table entry, every mode) and the LayerNorm row blocks."""
+    from ngtriton.kernels import layernorm, linear
+
+    M, N, K = SHAPE
+    full = dict(HAS_XDOT=True, HAS_WDOT=True, HAS_BDOT=True, HAS_DACT=True)
+    jvp_names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    cases = _tile_cases("_linear_jvp_kernel", "jvp", _jvp_args(M, N, K, False),
+                        dict(full, EPILOGUE=0, GROUP=8), jvp_names, linear._pair_stage, 2, [])
+    cases += _tile_cases("_linear_jvp_kernel", "jvp-nodact", _jvp_args(M, N, K, False),
+                         dict(full, HAS_DACT=False, EPILOGUE=0, GROUP=8, da_ptr=None),
+                         jvp_names, linear._pair_stage, 2, [])
+    cases += _tile_cases("_linear_jvp_kernel", "jvp-bernoulli", _jvp_args(M, N, K, True),
+                         dict(full, EPILOGUE=2, GROUP=8), jvp_names, linear._pair_stage, 2, [])
+    for width in (256, 16):
+        cases += _tile_cases("_linear_jvp_row_kernel", f"jvp-categorical{width}",
+                             _jvp_args(M, width, K, True), dict(full, EPILOGUE=1, GROUP=8),
+                             jvp_names, linear._pair_stage, 2, [], fixed=dict(BLOCK_N=width))
+    dx_args = dict(go_ptr="T", da_ptr="T", w_ptr="T", gx_ptr="T", M=M, N=N, K=K, M_BUCKET=M,
+                   s_gom=N, s_gon=1, s_dam=N, s_dan=1, s_wn=K, s_wk=1, s_gxm=K, s_gxk=1)
+    cases += _tile_cases("_linear_vjp_dx_kernel", "vjp-dx", dx_args,
+                         dict(HAS_DACT=True, GROUP=8), ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                         linear._vjp_stage, 3, [])
+    # the batch split an H100 gets for this shape (fp32 partials: gw/gb pointers are fp32)
+    split, rows = linear.choose_split(M, N, K, torch.device("meta"), sms=132)
+    dw_args = dict(go_ptr="T", da_ptr="T", x_ptr="T", gw_ptr="fp32", gb_ptr="fp32", M=M, N=N,
+                   K=K, rows_per_split=rows, s_gom=N, s_gon=1, s_dam=N, s_dan=1, s_xm=K,
+                   s_xk=1, s_gws=N * K, s_gwn=K, s_gwk=1, s_gbs=N, s_gbn=1)
+    assert split > 1
+    cases += _tile_cases("_linear_vjp_dw_kernel", "vjp-dw", dw_args,
+                         dict(HAS_DACT=True, NEED_W=True, NEED_B=True, GROUP=8),
+                         ("BLOCK_N", "BLOCK_K", "BLOCK_M"), linear._vjp_stage, 3, [])
+    for dt in ("fp16", "bf16", "fp32"):
+        for D in (1024, 4096, 8192, 16384):
+            block_r, block_d, warps = layernorm._row_blocks(D)
+            rows = dict(s_xh=D, s_rstd=1, M=M, D=D)
+            cases.append(Case(
+                name=f"ln-jvp-D{D}", mode=dt, module="layernorm", kernel="_layernorm_jvp_kernel",
+                args=dict(rows, xh_ptr=dt, rstd_ptr="fp32", xd_ptr=dt, w_ptr=dt, wd_ptr=dt,
+                          bd_ptr=dt, out_ptr=dt, s_xd=D, s_w=1, s_wd=1, s_bd=1, s_out=D),
+                consts=dict(HAS_XDOT=True, HAS_W=True, HAS_WDOT=True, HAS_BDOT=True,
+                            BLOCK_R=block_r, BLOCK_D=block_d),
+                num_warps=warps, num_stages=3, tile=f"{block_r}x{block_d}",
+                words=[f"ln-jvp-D{D}", dt, "ln"]))
+            cases.append(Case(
+                name=f"ln-vjp-D{D}", mode=dt, module="layernorm", kernel="_layernorm_vjp_kernel",
+                args=dict(rows, xh_ptr=dt, rstd_ptr="fp32", go_ptr=dt, w_ptr=dt, gx_ptr=dt,
+                          gw_ptr="fp32", gb_ptr="fp32", rows_per_prog=64, s_go=D, s_w=1,
+                          s_gx=D, s_gwp=D, s_gbp=D),
+                consts=dict(HAS_W=True, NEED_X=True, NEED_W=True, NEED_B=True,
+                            BLOCK_R=block_r, BLOCK_D=block_d),
+                num_warps=warps, num_stages=3, tile=f"{block_r}x{block_d}",
+                words=[f"ln-vjp-D{D}", dt, "ln"]))
+    return cases
+
+
+def other_kernel_cases() -> list[Case]:
+    """The remaining kernels (no tuning tables): compiled once each, generic strides."""
+    cases = []
+
+    def add(module, kernel, dt, consts, ptrs=None, warps=4, stages=3):
+        from importlib import import_module
+
+        fn = _jit_fn(getattr(import_module(f"ngtriton.kernels.{module}"), kernel))
+        ptrs = ptrs or {}
+        args = {}
+        for n in fn.arg_names:
+            if n in consts:
+                continue
+            args[n] = ptrs.get(n, dt) if n.endswith("_ptr") else 7  # i32, no hints
+        cases.append(Case(name=kernel, mode=dt, module=module, kernel=kernel, args=args,
+                          consts=consts, num_warps=warps, num_stages=stages,
+                          words=[kernel, dt, "other"]))
+
+    add("_common", "_sum_partials_kernel", "bf16", dict(BLOCK=1024), dict(part_ptr="fp32"))
+    for single, block in ((True, 128), (False, 4096)):
+        for mode in (0, 1, 2):
+            add("output", "_categorical_kernel", "bf16",
+                dict(MODE=mode, BLOCK=block, SINGLE=single), stages=1)
+    add("output", "_bernoulli_kernel", "fp16", dict(SQRT=True, BLOCK=2048), stages=1)
+    for dt, acc in (("bf16", "fp32"), ("fp64", "fp64")):
+        add("krylov", "_cg_update_kernel", dt, dict(BLOCK=4096),
+            dict(alpha_ptr="fp32", part_ptr=acc), warps=8, stages=1)
+        add("krylov", "_update_direction_kernel", dt, dict(BLOCK=4096, ACC64=dt == "fp64"),
+            dict(beta_ptr="fp64"), warps=8, stages=1)
+        add("krylov", "_dot_kernel", dt, dict(BLOCK=4096), dict(part_ptr=acc), warps=8,
+            stages=1)
+    return cases
+
+
+def run_cases(cases: list[Case]) -> list[dict]:
+    """Compile the cases on all cores (ptxas runs per compile)."""
+    jobs = max(1, min(len(cases), os.cpu_count() or 1))
+    if jobs == 1:
+        return [compile_case(c) for c in cases]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(compile_case, cases, chunksize=1))
+
+
+def format_table(recs: list[dict]) -> str:
+    head = (f"{'kernel':20s} {'mode':9s} {'tile':12s} {'w':>2s} {'s':>2s} {'sel':3s} "
+            f"{'regs':>4s} {'spill':>5s} {'smem':>6s} {'ring':>4s} {'acp':>3s} {'cp.async':>8s} "
+            f"{'wgmma':>5s} {'wait0':>5s} {'wait1':>5s} {'mma.sync':>8s}")
+    lines = [head]
+    for r in recs:
+        pre = (f"{r['name']:20s} {r['mode']:9s} {r['tile']:12s} {r['num_warps']:2d} "
+               f"{r['num_stages']:2d} {'yes' if r['selectable'] else 'no':3s} ")
+        if "error" in r:
+            lines.append(pre + "ERROR " + r["error"].strip().splitlines()[-1][:80])
+            continue
+        lines.append(pre + f"{r['regs']:4d} {r['spill']:5d} {r['smem'] / 1024:5.0f}K "
+                     f"{r['ring_depth']:4d} {r['async_copy']:3d} {r['cp_async']:8d} "
+                     f"{r['ptx_wgmma']:5d} {r['wgmma_waits0']:5d} {r['wgmma_waits1']:5d} "
+                     f"{r['mma_sync']:8d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    as_json = "--json" in argv
+    words = [w for w in argv if not w.startswith("--")]
+    cases = audit_cases() + other_kernel_cases()
+    cases = [c for c in cases if all(any(w in x for x in c.words) for w in words)]
+    recs = run_cases(cases)
+    if as_json:
+        print("\n" + json.dumps(recs))
+    else:
+        print(format_table(recs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Test side
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sm90() -> list[dict]:
+    """Every case compiled for sm_90 in one subprocess (a few minutes on two cores)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the kernels compile in the tests")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = Path(__file__).resolve().parents[2] / "src"
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True,
+                         text=True, timeout=1800)
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("no ptxas for the NVIDIA backend")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled" in res.stdout
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _where(recs: list[dict], **match) -> list[dict]:
+    out = [r for r in recs if all(r.get(k) == v for k, v in match.items())]
+    assert out, f"no compiled case matches {match}"
+    return out
+
+
+def _tensor_core(r: dict) -> bool:
+    return r["mode"] != "fp32-ieee"
+
+
+def _fail(recs: list[dict], what: str) -> str:
+    return f"{what}:\n" + format_table(recs)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90(sm90):
+    bad = [r for r in sm90 if "error" in r and r.get("selectable", True)]
+    assert not bad, _fail(bad, "failed to compile")
+    # a table entry the pruner never selects may exceed the hardware, but only on shared memory
+    odd = [r for r in sm90 if "error" in r and "OutOfResources" not in r["error"]]
+    assert not odd, _fail(odd, "failed to compile")
+
+
+@pytest.mark.slow
+def test_selectable_linear_tiles_do_not_spill(sm90):
+    """Every tile the pruner can select (each mode, JVP with and without the output-Fisher
+    epilogue, both VJP kernels) keeps its accumulator and epilogue in registers."""
+    recs = _where(sm90, module="linear", selectable=True)
+    spills = [r for r in recs if r["spill"] != 0]
+    assert not spills, _fail(spills, "spilling tiles the autotuner can pick")
+    # each mode keeps at least one tile per kernel (the pruner must not empty the table)
+    for name in {r["name"] for r in recs}:
+        for mode in MODES:
+            assert any(r["name"] == name and r["mode"] == mode for r in recs), (name, mode)
+
+
+@pytest.mark.slow
+def test_linear_k_loops_are_pipelined(sm90):
+    """The K-loop's loads are cp.async copies into multi-buffered rings: num_stages deep for
+    operands wgmma reads from shared memory, num_stages - 1 for those loaded to registers (the
+    VJP's g = σ′ ⊙ ḡ, mma.sync and FMA dots). The shared memory holds the rings and fits the SM
+    (228 KiB); the JVP's single operand pair per step holds exactly num_stages of them."""
+    recs = _where(sm90, module="linear", selectable=True)
+    bad = []
+    for r in recs:
+        s = r["num_stages"]
+        ok = (r["ring_depth"] in (s - 1, s) and r["ring_depth"] >= 2
+              and r["async_copy"] >= r["loop_loads"] * (s - 1)
+              and r["cp_async"] > 0
+              and (s - 1) * r["stage_bytes"] <= r["smem"] <= 228 * 1024)
+        if r["name"].startswith("jvp") and r["wgmma"]:
+            ok = ok and r["ring_depth"] == s and r["smem"] >= s * r["stage_bytes"]
+        if not ok:
+            bad.append(r)
+    assert not bad, _fail(bad, "K-loop not pipelined")
+
+
+@pytest.mark.slow
+def test_linear_dots_use_wgmma(sm90):
+    """fp16/bf16/tf32 dots of tiles with ≥ 64 rows per warp group run on async wgmma, with the
+    JVP waiting for no more than the previous step's wgmma inside its loop (one wait with
+    pendings = 0, after the loop). fp32 "ieee" uses FMA: no tensor-core instruction at all."""
+    recs = _where(sm90, module="linear", selectable=True)
+    bad = []
+    for r in recs:
+        rows = int(r["tile"].split("x")[0])
+        if not _tensor_core(r):
+            ok = r["wgmma"] == 0 and r["mma_sync"] == 0
+        elif rows >= 64:
+            ok = r["wgmma"] >= 1 and r["ptx_wgmma"] > 0 and r["wgmma_waits1"] >= 1
+            if r["name"].startswith("jvp"):
+                ok = ok and r["wgmma"] == 1 and r["wgmma_waits0"] == 1
+        else:  # 32-row tiles (narrow outputs over short batches): mma.sync
+            ok = r["wgmma"] > 0 or r["mma_sync"] > 0
+        if not ok:
+            bad.append(r)
+    assert not bad, _fail(bad, "dots not on the expected instructions")
+
+
+@pytest.mark.slow
+def test_layernorm_rows_stay_in_registers(sm90):
+    """Whole rows in registers up to 8192 features. (16384-wide rows compile, but the VJP's
+    five row-length fp32 vectors exceed what 16 warps hold, and spill.)"""
+    recs = _where(sm90, module="layernorm")
+    bad = [r for r in recs if "error" in r
+           or (r["spill"] != 0 and int(r["tile"].split("x")[1]) <= 8192)]
+    assert not bad, _fail(bad, "LayerNorm row blocks spill")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

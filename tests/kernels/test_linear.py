@@ -14,6 +14,7 @@ from ngtriton.kernels import linear as K
 from ngtriton.linearize import ops_torch as R
 
 ODD = (37, 29, 19)  # (M, K, N): no dimension a multiple of any block size
+EVEN = (48, 64, 32)  # every dimension a multiple of the blocks: the unmasked reduction loops
 
 
 def _jvp_inputs(M, Kd, N, dtype, gen, flags=(True, True, True, True)):
@@ -33,9 +34,10 @@ def _jvp_ref(x, xd, w, wd, bd, da):
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)),
                          ids=lambda f: "".join("1" if b else "0" for b in f))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_jvp_optional_arguments(flags, dtype, gen):
-    """Every None-combination of x_dot, weight_dot, bias_dot, dact."""
-    M, Kd, N = ODD
+@pytest.mark.parametrize("shape", [ODD, EVEN], ids=["odd", "even"])
+def test_jvp_optional_arguments(shape, flags, dtype, gen):
+    """Every None-combination of x_dot, weight_dot, bias_dot, dact; a ragged and a whole K."""
+    M, Kd, N = shape
     args = _jvp_inputs(M, Kd, N, dtype, gen, flags)
     out = K.linear_jvp(*args)
     assert out.dtype == dtype and out.shape == (M, N)
@@ -103,8 +105,9 @@ def _check_vjp(got, x, w, go, da, needs, dtype):
                          ids=lambda f: "".join("1" if b else "0" for b in f))
 @pytest.mark.parametrize("has_dact", [False, True], ids=["nodact", "dact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_vjp_need_combinations(needs, has_dact, dtype, gen):
-    x, w, go, da = _vjp_inputs(*ODD, dtype, gen, has_dact)
+@pytest.mark.parametrize("shape", [ODD, EVEN], ids=["odd", "even"])
+def test_vjp_need_combinations(shape, needs, has_dact, dtype, gen):
+    x, w, go, da = _vjp_inputs(*shape, dtype, gen, has_dact)
     _check_vjp(K.linear_vjp(x, w, go, da, *needs), x, w, go, da, needs, dtype)
 
 
@@ -114,6 +117,17 @@ def test_vjp_shapes(shape, dtype, gen):
     x, w, go, da = _vjp_inputs(*shape, dtype, gen)
     needs = (True, True, True)
     _check_vjp(K.linear_vjp(x, w, go, da, *needs), x, w, go, da, needs, dtype)
+
+
+def test_vjp_strided_inputs(gen):
+    """Views strided in both dimensions (copied once) and transposed ones (read in place)."""
+    M, Kd, N = ODD
+    x = randn(M, 2 * Kd, gen=gen)[:, ::2]
+    w = randn(Kd, N, gen=gen).t()
+    go = randn(2 * M, 3 * N, gen=gen)[::2, ::3]
+    da = randn(N, M, gen=gen).t()
+    needs = (True, True, True)
+    _check_vjp(K.linear_vjp(x, w, go, da, *needs), x, w, go, da, needs, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -135,8 +149,10 @@ def test_vjp_split_k_tall_batch(dtype, gen):
 @pytest.mark.parametrize("split", [1, 2, 7])
 @pytest.mark.parametrize("needs", [(False, True, True), (False, True, False), (False, False, True)],
                          ids=["w+b", "w", "b"])
-def test_vjp_explicit_split(split, needs, gen):
-    M, Kd, N = 150, 20, 17
+@pytest.mark.parametrize("M", [150, 224], ids=["ragged", "whole"])
+def test_vjp_explicit_split(M, split, needs, gen):
+    """Splits of ragged row runs, and (224 rows: 2 splits of 112, 7 of 32) of whole blocks."""
+    Kd, N = 20, 17
     x, w, go, da = _vjp_inputs(M, Kd, N, torch.float32, gen)
     got = K.linear_vjp_split(x, w, go, da, *needs, split=split)
     _check_vjp(got, x, w, go, da, needs, torch.float32)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, DTYPES, assert_close, randn, up
+from kernel_helpers import DEVICE, DTYPES, assert_close, randn, spy, up
 
 from ngtriton.kernels import linear as K
 from ngtriton.kernels import ops
@@ -103,19 +103,6 @@ def test_kernel_rejects_what_it_cannot_fuse(gen):
             fn(*args, state, "gaussian", 1.0)
 
 
-def _spy(monkeypatch, targets):
-    calls: list[str] = []
-    for mod, name in targets:
-        orig = getattr(mod, name)
-
-        def wrapped(*a, _orig=orig, _name=name, **k):
-            calls.append(_name)
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(mod, name, wrapped)
-    return calls
-
-
 SPIED = [(K, "linear_jvp_fvp"), (K, "linear_jvp"), (O, "categorical_fvp"), (O, "bernoulli_fvp")]
 
 
@@ -129,7 +116,7 @@ def test_ops_constant_matches_kernel():
 def test_ops_dispatch_and_width_fallback(kind, N, fused, gen, monkeypatch):
     """ops.linear_jvp_fvp: one fused kernel, or (categorical rows wider than the tile) the JVP
     kernel then the separate row kernel; the same result either way."""
-    calls = _spy(monkeypatch, SPIED)
+    calls = spy(monkeypatch, SPIED)
     args = _inputs(6, 5, N, torch.float32, gen)
     state = _state(kind, 6, N, torch.float32, gen)
     got = ops.linear_jvp_fvp(*args, state, kind, 0.5)
@@ -139,7 +126,7 @@ def test_ops_dispatch_and_width_fallback(kind, N, fused, gen, monkeypatch):
 
 
 def test_ops_float64_stays_on_torch(gen, monkeypatch):
-    calls = _spy(monkeypatch, SPIED[:2])
+    calls = spy(monkeypatch, SPIED[:2])
     args = _inputs(6, 5, 4, torch.float64, gen)
     state = _state("categorical", 6, 4, torch.float64, gen)
     got = ops.linear_jvp_fvp(*args, state, "categorical", 0.5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, randn
+from kernel_helpers import DEVICE, randn, spy
 
 from ngtriton.kernels import layernorm as KL
 from ngtriton.kernels import linear as KLin
@@ -45,17 +45,8 @@ def _args(dtype, gen):
 
 
 def _spy(monkeypatch):
-    calls = []
-    for mod, name in [(KLin, "linear_jvp"), (KLin, "linear_vjp"), (KL, "layernorm_jvp"),
-                      (KL, "layernorm_vjp"), (KLin, "linear_jvp_fvp")]:
-        orig = getattr(mod, name)
-
-        def wrapped(*a, _orig=orig, _name=name, **k):
-            calls.append(_name)
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(mod, name, wrapped)
-    return calls
+    return spy(monkeypatch, [(KLin, "linear_jvp"), (KLin, "linear_vjp"), (KL, "layernorm_jvp"),
+                             (KL, "layernorm_vjp"), (KLin, "linear_jvp_fvp")])
 
 
 def _flat(out):

@@ -2,9 +2,9 @@
 
 Reference: :func:`ngtriton.linearize.ops_torch.linear_jvp` / ``linear_vjp`` (same signatures).
 
-- ``linear_jvp``: ONE kernel; ``ẋ Wᵀ`` and ``x Ẇᵀ`` accumulate into the same fp32 tile over the
-  shared reduction dimension K, and ``+ ḃ`` / ``⊙ σ′`` are applied in the epilogue before the single
-  store.
+- ``linear_jvp``: ONE kernel; ``ẋ Wᵀ`` and ``x Ẇᵀ`` accumulate into the same fp32 tile as one
+  pipelined reduction of length 2K (one operand pair per step), and ``+ ḃ`` / ``⊙ σ′`` are
+  applied in the epilogue before the single store.
 - ``linear_jvp_fvp``: the same kernel with the output-Fisher product of the last layer in its
   epilogue (``EPILOGUE`` constexpr, compiled out when off): ``scale · F_R ẏ`` per row, categorical
   (``p ⊙ ẏ − p (p·ẏ)``, the whole row in one tile: ``out_features ≤ FVP_MAX_N``) or bernoulli
@@ -31,72 +31,152 @@ from ._common import grouped_tile, sum_partials
 from ._config import INTERPRET, cdiv, dot_precision, num_sms
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations. Hopper (H100): 128-256 wide tiles, 3-4 stages, 4-8 warps. Under the
-# interpreter one small fixed configuration (autotuning there would run every config in Python).
+# Launch configurations (Hopper, H100/H200: 228 KiB shared memory and 64K registers per SM).
+#
+# Each kernel has one K-loop with ONE operand pair per iteration, which Triton software-pipelines
+# on sm_90 into cp.async copies into a ring of ``num_stages`` shared-memory buffers feeding async
+# wgmma (tensor cores: fp16/bf16, and fp32 with "tf32") or, for fp32 "ieee", FMA dots.
+# tests/kernels/test_compile_sm90.py compiles every table entry for sm_90 and checks that the
+# entries the pruner below can select do not spill and are pipelined.
+#
+# Under the interpreter one small fixed configuration (autotuning there would run every config
+# in Python).
 # ----------------------------------------------------------------------------------------------
 
+# (output rows, output cols, reduction, num_warps, num_stages) per tile. Rows × cols / (32 ·
+# warps) output elements per thread: 64 (e.g. 128×128 on 8 warps) leaves room for the epilogue
+# tiles (σ′, state) without spilling; 128 (128×256 on 8 warps) only for the plain JVP. See
+# ``_TILE_REG_BYTES``.
+Tile = tuple[int, int, int, int, int]
 
-def _configs(names: tuple[str, str, str], table: list[tuple[int, int, int, int, int]],
-             interp: tuple[int, int, int]) -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config(dict(zip(names, interp), GROUP=4), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(zip(names, (a, b, c)), GROUP=8), num_warps=w, num_stages=s)
-            for a, b, c, w, s in table]
-
-
-# (rows, cols, reduction, num_warps, num_stages)
-_MM_TABLE = [
+# Tensor cores (fp16/bf16; fp32 with "tf32"). One operand pair per stage: (rows + cols) ×
+# reduction elements, e.g. 32 KiB for 128×128×64 in bf16, so 4 stages fit with room to spare.
+_TC_TABLE: list[Tile] = [
     (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
-    (128, 128, 32, 4, 4),
+    (128, 128, 32, 8, 4),  # fp32 (tf32): 32 KiB per stage
+    (64, 128, 32, 4, 4),
 ]
-# The JVP streams two operand pairs per K step (twice the shared memory per stage), so it also
-# gets narrower-K variants.
-_JVP_TABLE = [*_MM_TABLE, (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 256, 32, 4, 4),
-              (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)]
+# FMA dots (fp32 "ieee"): operands go from shared memory to registers each step, so the tiles are
+# smaller and the reduction step short.
+_FMA_TABLE: list[Tile] = [
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+]
 
 _INTERP_BLOCKS = (16, 16, 16)
 
-# Shared memory per SM on Hopper is 227 KiB; configs whose pipelined operand tiles do not fit are
-# dropped before autotuning instead of failing to compile one by one.
-_SMEM_BUDGET = 220 * 1024
+# Shared memory per SM on Hopper is 228 KiB (227 usable by one block); the pipeline buffers must
+# leave room for the epilogue's layout conversions.
+_SMEM_BUDGET = 200 * 1024
+# Register bytes per thread for the values shaped like the output tile: the fp32 accumulator
+# (4 B per element) plus the epilogue's tiles (σ′, the output-Fisher state: itemsize each).
+# 512 B = 128 registers, half the thread's 255, leaves the rest for addresses, the pipeline's
+# bookkeeping and the layout conversions; the sm_90 compiles spill beyond it (e.g. 128×256 on 8
+# warps with σ′ in bf16: 128 elements × 6 B).
+_TILE_REG_BYTES = 512
 
 
-def _smem_pruner(stage_elems):
-    """``early_config_prune`` keeping configs whose ``stages × stage_elems × itemsize`` fits."""
+class TileConfig(triton.Config):
+    """A ``triton.Config`` that knows whether its tile is meant for tensor-core dots (fp16/bf16,
+    fp32 with "tf32") or FMA dots (fp32 "ieee"); the pruner keeps the kind the launch needs."""
+
+    def __init__(self, kwargs: dict, num_warps: int, num_stages: int, tensor_cores: bool):
+        super().__init__(kwargs, num_warps=num_warps, num_stages=num_stages)
+        self.tensor_cores = tensor_cores
+
+
+def _configs(names: tuple[str, ...], tc: list[tuple[int, ...]], fma: list[tuple[int, ...]],
+             interp: tuple[int, ...]) -> list[triton.Config]:
+    """Configs from table rows ``(*blocks, num_warps, num_stages)``, blocks named ``names``."""
+    if INTERPRET:
+        return [triton.Config(dict(zip(names, interp), GROUP=4), num_warps=4, num_stages=1)]
+    return [TileConfig(dict(zip(names, row[:-2]), GROUP=8), row[-2], row[-1], kind)
+            for kind, table in ((True, tc), (False, fma)) for row in table]
+
+
+def tile_fits(tile: Tile, itemsize: int, elem_bytes: int, stage_elems: int) -> bool:
+    """Whether a tile ``(rows, cols, reduction, warps, stages)`` suits Hopper: the pipeline
+    buffers (``stages × stage_elems × itemsize``) fit the shared-memory budget, and the values
+    shaped like the output tile (``elem_bytes`` per element) fit ``_TILE_REG_BYTES`` per
+    thread."""
+    rows, cols, _, warps, stages = tile
+    return (rows * cols * elem_bytes <= _TILE_REG_BYTES * 32 * warps
+            and stages * stage_elems * itemsize <= _SMEM_BUDGET)
+
+
+def _prune_tiles(tiles: list[Tile], keep: list[bool], programs: list[int], sms: int
+                 ) -> list[int]:
+    """Indices of the kept tiles, less those that leave most of the machine idle when another
+    kept tile fills it better (fewer than half of ``min(sms, best)`` programs)."""
+    idx = [i for i, k in enumerate(keep) if k]
+    if not idx:  # nothing fits: the smallest tile (fewest registers and buffers)
+        return [min(range(len(tiles)), key=lambda i: (tiles[i][0] * tiles[i][1], tiles[i][2]))]
+    floor = min(sms, max(programs[i] for i in idx)) // 2
+    return [i for i in idx if programs[i] >= floor]
+
+
+_H100_SMS = 132  # SM count assumed when the launch's device is not a GPU (compile-only checks)
+
+
+def _pruner(names: tuple[str, str, str], stage_elems, elem_bytes, programs):
+    """``early_config_prune`` over :class:`TileConfig` s whose tiles are named ``names`` (output
+    rows, output cols, reduction; a name missing from a config is a call argument).
+    ``stage_elems(tile, kw)``: operand elements per pipeline stage; ``elem_bytes(kw, itemsize)``:
+    register bytes per output element (see ``tile_fits``); ``programs(tile, kw)``: programs
+    launched. ``kw``: the launch's arguments by name."""
 
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        itemsize = next(v.element_size() for v in named_args.values() if isinstance(v, Tensor))
-        fits = [c for c in configs
-                if c.num_stages * stage_elems(c.kwargs, kwargs) * itemsize <= _SMEM_BUDGET]
-        if fits:
-            return fits
-        return [min(configs, key=lambda c: c.num_stages * stage_elems(c.kwargs, kwargs))]
+        kw = {**named_args, **kwargs}
+        first = next(v for v in named_args.values() if isinstance(v, Tensor))
+        sms = num_sms(first.device) if first.device.type == "cuda" else _H100_SMS
+        configs = [c for c in configs
+                   if c.tensor_cores == (kw.get("PRECISION", "tf32") != "ieee")] or configs
+        tiles = [(*(int(c.kwargs.get(n, kw.get(n))) for n in names), c.num_warps, c.num_stages)
+                 for c in configs]
+        size = first.element_size()
+        per_elem = elem_bytes(kw, size)
+        keep = [tile_fits(t, size, per_elem, stage_elems(t, kw)) for t in tiles]
+        kept = _prune_tiles(tiles, keep, [programs(t, kw) for t in tiles], sms)
+        return [configs[i] for i in kept]
 
     return prune
 
 
-def _jvp_stage(cfg, kw):  # both operand pairs stream (M+N)×K per stage
-    pairs = int(bool(kw.get("HAS_XDOT", True))) + int(bool(kw.get("HAS_WDOT", True)))
-    block_n = cfg.get("BLOCK_N", kw.get("BLOCK_N"))  # the row configs take BLOCK_N from the call
-    return max(pairs, 1) * (cfg["BLOCK_M"] + block_n) * cfg["BLOCK_K"]
+def _pair_stage(tile: Tile, kw: dict) -> int:
+    """One operand pair per pipeline stage: (rows + cols) × reduction elements."""
+    return (tile[0] + tile[1]) * tile[2]
 
 
-def _dx_stage(cfg, kw):  # grad_out (and dact) M×N tiles, weight N×K
+def _vjp_stage(tile: Tile, kw: dict) -> int:
+    """The VJP kernels per pipeline stage: grad_out (and σ′) rows × reduction, and the other
+    operand (W for gx, x for gw) reduction × cols."""
     n_g = 2 if kw.get("HAS_DACT", True) else 1
-    return cfg["BLOCK_N"] * (n_g * cfg["BLOCK_M"] + cfg["BLOCK_K"])
+    return tile[2] * (n_g * tile[0] + tile[1])
 
 
-def _dw_stage(cfg, kw):  # grad_out (and dact) M×N tiles, x M×K
-    n_g = 2 if kw.get("HAS_DACT", True) else 1
-    return cfg["BLOCK_M"] * (n_g * cfg["BLOCK_N"] + cfg["BLOCK_K"])
+def _grid_tiles(rows: str, cols: str):
+    def count(tile: Tile, kw: dict) -> int:
+        return cdiv(int(kw[rows]), tile[0]) * cdiv(int(kw[cols]), tile[1])
+
+    return count
+
+
+@triton.jit
+def _load_step(ptrs, mask, EVEN: tl.constexpr):
+    """One operand tile of a reduction step: unmasked when every step is whole (``EVEN``), else
+    masked along the reduction with zeros, which add nothing to the dot."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,36 +192,46 @@ def _bucket(m: int) -> int:
 
 _JVP_KEY = ["M_BUCKET", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "EPILOGUE",
             "PRECISION"]
+_JVP_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 # Output-Fisher epilogues of the JVP kernel (the EPILOGUE constexpr).
 _EPI_NONE, _EPI_CATEGORICAL, _EPI_BERNOULLI = 0, 1, 2
 _EPILOGUES = {"categorical": _EPI_CATEGORICAL, "bernoulli": _EPI_BERNOULLI}
 
-# Widest row the categorical epilogue takes in one tile: a 256-wide fp32 accumulator is what
-# Hopper's widest matmul tiles hold (128×256 over 8 warps); wider rows use the separate kernel.
+# Widest row the categorical epilogue takes in one tile: a 64×256 fp32 accumulator over 8 warps
+# (64 per thread) is the widest that leaves the epilogue's state tile in registers; wider rows
+# use the separate kernel.
 FVP_MAX_N = 256
 
 # Row configurations (BLOCK_M, BLOCK_K, num_warps, num_stages) for the categorical epilogue:
-# BLOCK_N is not tuned but set to the row width (next power of two, ≥ 16) by the caller. 8 warps
-# for the 256-wide rows (a 32×256 tile on 4 warps spills heavily in an sm_90 compile), 4 warps
-# for the narrow ones.
-_ROW_TABLE = [
-    (128, 32, 8, 3),
-    (64, 32, 8, 3),
-    (64, 64, 8, 3),
+# BLOCK_N is not tuned but set to the row width (next power of two, ≥ 16) by the caller. The
+# pruner keeps the entries whose accumulator fits next to the state tile (for the widest rows in
+# fp16/bf16 64×256 on 8 warps or 32×256 on 4, in fp32 32×256 on 8) and whose stages fit
+# (BLOCK_K 32 for fp32 operands).
+# The 32-row tiles also serve narrow outputs over a short batch, where 128-row tiles would leave
+# most SMs idle.
+_ROW_TC_TABLE = [
+    (128, 64, 8, 4),
     (128, 64, 4, 4),
+    (64, 64, 8, 4),
     (64, 64, 4, 4),
-    (64, 32, 4, 4),
+    (32, 64, 4, 4),
+    (64, 32, 8, 4),  # fp32 (tf32)
+    (32, 32, 4, 4),
+    (32, 32, 8, 4),  # fp32 state and σ′ next to a 256-wide row
 ]
+_ROW_FMA_TABLE = [
+    (64, 32, 8, 3),
+    (32, 32, 4, 3),
+    (32, 32, 8, 3),
+]
+_ROW_NAMES = ("BLOCK_M", "BLOCK_K")
 
 
-def _row_configs() -> list[triton.Config]:
-    if INTERPRET:
-        bm, _, bk = _INTERP_BLOCKS
-        return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, GROUP=4), num_warps=4,
-                              num_stages=1)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_K=k, GROUP=8), num_warps=w, num_stages=s)
-            for m, k, w, s in _ROW_TABLE]
+def _jvp_elem_bytes(kw: dict, itemsize: int) -> int:
+    """The fp32 accumulator, and σ′ and the output-Fisher state when the epilogue loads them."""
+    tiles = int(bool(kw.get("HAS_DACT", True))) + int(int(kw.get("EPILOGUE", 0)) != 0)
+    return 4 + tiles * itemsize
 
 
 @triton.jit
@@ -153,38 +243,57 @@ def _linear_jvp_body(
     HAS_XDOT: tl.constexpr, HAS_WDOT: tl.constexpr, HAS_BDOT: tl.constexpr,
     HAS_DACT: tl.constexpr, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/columns are wrapped into range for the loads (no masks in the main loop
-    # except along K); the store is masked.
+    # Out-of-range rows/columns are wrapped into range for the loads (no masks in the K-loop
+    # except on a ragged K, i.e. not EVEN_K); the store is masked.
     rm = offs_m % M
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
 
+    # ẋ Wᵀ + x Ẇᵀ as ONE reduction of length 2K: steps [0, nk) stream (ẋ, W), steps [nk, 2nk)
+    # stream (x, Ẇ), each step one operand pair into the same fp32 accumulator. One loop with one
+    # dot is what the sm_90 pipeliner turns into cp.async stages feeding async wgmma; two dots
+    # per step made it wait on the first before issuing the second. The switch at step nk is a
+    # select of the (loop-carried) pointer tiles, so the loads stay pipelined across it. With one
+    # tangent only (constexpr), only its pair streams.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_XDOT:
-        a1_ptrs = xd_ptr + rm[:, None] * s_xdm + offs_k[None, :] * s_xdk
-        b1_ptrs = w_ptr + offs_k[:, None] * s_wk + rn[None, :] * s_wn
-    if HAS_WDOT:
-        a2_ptrs = x_ptr + rm[:, None] * s_xm + offs_k[None, :] * s_xk
-        b2_ptrs = wd_ptr + offs_k[:, None] * s_wdk + rn[None, :] * s_wdn
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + offs_k) < K
+    if HAS_XDOT or HAS_WDOT:
+        nk = tl.cdiv(K, BLOCK_K)
         if HAS_XDOT:
-            a1 = tl.load(a1_ptrs, mask=kmask[None, :], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=kmask[:, None], other=0.0)
-            acc = tl.dot(a1, b1, acc, input_precision=PRECISION)
-            a1_ptrs += BLOCK_K * s_xdk
-            b1_ptrs += BLOCK_K * s_wk
-        if HAS_WDOT:
-            a2 = tl.load(a2_ptrs, mask=kmask[None, :], other=0.0)
-            b2 = tl.load(b2_ptrs, mask=kmask[:, None], other=0.0)
-            acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
-            a2_ptrs += BLOCK_K * s_xk
-            b2_ptrs += BLOCK_K * s_wdk
+            a_ptrs = xd_ptr + rm[:, None] * s_xdm + offs_k[None, :] * s_xdk
+            b_ptrs = w_ptr + offs_k[:, None] * s_wk + rn[None, :] * s_wn
+            a_step = BLOCK_K * s_xdk
+            b_step = BLOCK_K * s_wk
+        else:
+            a_ptrs = x_ptr + rm[:, None] * s_xm + offs_k[None, :] * s_xk
+            b_ptrs = wd_ptr + offs_k[:, None] * s_wdk + rn[None, :] * s_wdn
+            a_step = BLOCK_K * s_xk
+            b_step = BLOCK_K * s_wdk
+        if HAS_XDOT and HAS_WDOT:
+            n_steps = 2 * nk
+            a2_ptrs = x_ptr + rm[:, None] * s_xm + offs_k[None, :] * s_xk
+            b2_ptrs = wd_ptr + offs_k[:, None] * s_wdk + rn[None, :] * s_wdn
+        else:
+            n_steps = nk
+        for i in range(0, n_steps):
+            kmask = ((i % nk) * BLOCK_K + offs_k) < K  # unused (compiled out) when EVEN_K
+            a = _load_step(a_ptrs, kmask[None, :], EVEN_K)
+            b = _load_step(b_ptrs, kmask[:, None], EVEN_K)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if HAS_XDOT and HAS_WDOT:
+                second = i == nk - 1
+                a_ptrs = tl.where(second, a2_ptrs, a_ptrs + a_step)
+                b_ptrs = tl.where(second, b2_ptrs, b_ptrs + b_step)
+                a_step = tl.where(second, BLOCK_K * s_xk, a_step)
+                b_step = tl.where(second, BLOCK_K * s_wdk, b_step)
+            else:
+                a_ptrs += a_step
+                b_ptrs += b_step
 
     # Epilogue, in fp32: + ḃ, ⊙ σ′, one store in the output dtype.
     mask_m = offs_m < M
@@ -210,20 +319,45 @@ def _linear_jvp_body(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _even(dim: str, block: str):
+    """Heuristic: the reduction ``dim`` is a multiple of the tuned ``block`` (no K-loop mask)."""
+    return lambda args: args[dim] % args[block] == 0
+
+
+_linear_jvp_even = triton.heuristics({"EVEN_K": _even("K", "BLOCK_K")})(_linear_jvp_body)
+
 # One kernel body, two tuners: the general one (BLOCK_N tuned; no epilogue, or an elementwise
 # one) and the row one (BLOCK_N = the row width, for the categorical row reduction).
 _linear_jvp_kernel = triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _JVP_TABLE, _INTERP_BLOCKS),
-    key=_JVP_KEY, prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
-)(_linear_jvp_body)
+    configs=_configs(_JVP_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
+    key=_JVP_KEY,
+    prune_configs_by={"early_config_prune": _pruner(
+        _JVP_NAMES, _pair_stage, _jvp_elem_bytes, _grid_tiles("M_BUCKET", "N"))},
+)(_linear_jvp_even)
 _linear_jvp_row_kernel = triton.autotune(
-    configs=_row_configs(), key=_JVP_KEY,
-    prune_configs_by={"early_config_prune": _smem_pruner(_jvp_stage)},
-)(_linear_jvp_body)
+    configs=_configs(_ROW_NAMES, _ROW_TC_TABLE, _ROW_FMA_TABLE,
+                     (_INTERP_BLOCKS[0], _INTERP_BLOCKS[2])),
+    key=_JVP_KEY,
+    prune_configs_by={"early_config_prune": _pruner(
+        _JVP_NAMES, _pair_stage, _jvp_elem_bytes, _grid_tiles("M_BUCKET", "N"))},
+)(_linear_jvp_even)
 
 
 def _strides(t: Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def _streamable(t: Tensor | None) -> Tensor | None:
+    """``t`` (2-D) with a unit stride in one of its dimensions, copied if it has none.
+
+    A launch specializes unit strides to constants, which is what lets the reduction loop's loads
+    vectorize into 16-byte ``cp.async`` copies and be pipelined; a view strided in both
+    dimensions (e.g. ``x[:, ::2]``) would be read element by element, unpipelined, with
+    spilling pointer tiles. One copy is cheaper.
+    """
+    if t is None or t.numel() <= 1 or 1 in t.stride():
+        return t
+    return t.contiguous()
 
 
 def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
@@ -261,6 +395,7 @@ def _launch_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Ten
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
+    x, x_dot, weight, weight_dot = map(_streamable, (x, x_dot, weight, weight_dot))
     if epilogue == _EPI_CATEGORICAL:  # one column tile spanning the row (tl.dot needs ≥ 16)
         kernel, fixed = _linear_jvp_row_kernel, {"BLOCK_N": max(16, triton.next_power_of_2(N))}
     else:
@@ -286,11 +421,22 @@ def _launch_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Ten
 # ----------------------------------------------------------------------------------------------
 
 
+_DX_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_N")  # output (M, K) tiles, reduction over N
+
+
+def _vjp_elem_bytes(kw: dict, itemsize: int) -> int:
+    """The fp32 accumulator, with room for ``g = σ′ ⊙ ḡ``, which the VJP kernels form in
+    registers each step (its tiles span the reduction, not the output, hence a flat 4 B)."""
+    return 8
+
+
 @triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _MM_TABLE, _INTERP_BLOCKS),
+    configs=_configs(_DX_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
     key=["M_BUCKET", "N", "K", "HAS_DACT", "PRECISION"],
-    prune_configs_by={"early_config_prune": _smem_pruner(_dx_stage)},
+    prune_configs_by={"early_config_prune": _pruner(
+        _DX_NAMES, _vjp_stage, _vjp_elem_bytes, _grid_tiles("M_BUCKET", "K"))},
 )
+@triton.heuristics({"EVEN_N": _even("N", "BLOCK_N")})
 @triton.jit
 def _linear_vjp_dx_kernel(
     go_ptr, da_ptr, w_ptr, gx_ptr,
@@ -298,8 +444,11 @@ def _linear_vjp_dx_kernel(
     s_gom, s_gon, s_dam, s_dan, s_wn, s_wk, s_gxm, s_gxk,
     HAS_DACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
-    # Output tile (BLOCK_M, BLOCK_K) of gx; reduction over N in steps of BLOCK_N.
+    # Output tile (BLOCK_M, BLOCK_K) of gx; reduction over N in steps of BLOCK_N, one operand
+    # pair (g, W) per step: g = σ′ ⊙ ḡ is formed in registers from the two pipelined tiles and
+    # goes to the tensor cores as the register operand.
     pid = tl.program_id(0)
     pid_m, pid_k = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -315,12 +464,12 @@ def _linear_vjp_dx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nmask = (n0 + offs_n) < N
-        g = tl.load(go_ptrs, mask=nmask[None, :], other=0.0)
+        g = _load_step(go_ptrs, nmask[None, :], EVEN_N)
+        w = _load_step(w_ptrs, nmask[:, None], EVEN_N)
         if HAS_DACT:
-            da = tl.load(da_ptrs, mask=nmask[None, :], other=0.0)
+            da = _load_step(da_ptrs, nmask[None, :], EVEN_N)
             g = (g.to(tl.float32) * da.to(tl.float32)).to(g.dtype)
             da_ptrs += BLOCK_N * s_dan
-        w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
         go_ptrs += BLOCK_N * s_gon
         w_ptrs += BLOCK_N * s_wn
@@ -334,12 +483,27 @@ def _linear_vjp_dx_kernel(
 # VJP: weight cotangent gw = gᵀ x (N, K) and bias cotangent gb = Σ_rows g, split over M
 # ----------------------------------------------------------------------------------------------
 
+_DW_NAMES = ("BLOCK_N", "BLOCK_K", "BLOCK_M")  # output (N, K) tiles, reduction over M
+
+
+def _dw_programs(tile: Tile, kw: dict) -> int:
+    split = cdiv(int(kw["M"]), max(int(kw["rows_per_split"]), 1))
+    nk = cdiv(int(kw["K"]), tile[1]) if kw.get("NEED_W", True) else 1
+    return cdiv(int(kw["N"]), tile[0]) * nk * split
+
+
+def _dw_even(args: dict) -> bool:
+    """Every split's run of rows is whole BLOCK_M steps (no mask in the M-loop)."""
+    return args["M"] % args["BLOCK_M"] == 0 and args["rows_per_split"] % args["BLOCK_M"] == 0
+
 
 @triton.autotune(
-    configs=_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _MM_TABLE, _INTERP_BLOCKS),
+    configs=_configs(_DW_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
     key=["M", "N", "K", "rows_per_split", "HAS_DACT", "NEED_W", "NEED_B", "PRECISION"],
-    prune_configs_by={"early_config_prune": _smem_pruner(_dw_stage)},
+    prune_configs_by={"early_config_prune": _pruner(
+        _DW_NAMES, _vjp_stage, _vjp_elem_bytes, _dw_programs)},
 )
+@triton.heuristics({"EVEN_M": _dw_even})
 @triton.jit
 def _linear_vjp_dw_kernel(
     go_ptr, da_ptr, x_ptr, gw_ptr, gb_ptr,
@@ -349,6 +513,7 @@ def _linear_vjp_dw_kernel(
     HAS_DACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_M: tl.constexpr,
 ):
     # Program (tile, split): output tile (BLOCK_N, BLOCK_K) of gw over the rows of one split.
     # gw_ptr/gb_ptr point at the outputs (one split: stored in their dtype) or at fp32 workspaces
@@ -374,19 +539,21 @@ def _linear_vjp_dw_kernel(
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         mmask = (m0 + offs_m) < m_end
-        g = tl.load(go_ptrs, mask=mmask[:, None], other=0.0)
+        g = _load_step(go_ptrs, mmask[:, None], EVEN_M)
         if HAS_DACT:
-            da = tl.load(da_ptrs, mask=mmask[:, None], other=0.0)
+            da = _load_step(da_ptrs, mmask[:, None], EVEN_M)
             g32 = g.to(tl.float32) * da.to(tl.float32)
+            g = g32.to(g.dtype)  # the dot operand; the bias sum keeps the fp32 product
             da_ptrs += BLOCK_M * s_dam
-        else:
-            g32 = g.to(tl.float32)
         if NEED_B:  # noqa: SIM102 - constexpr test outside, runtime test inside
             if pid_k == 0:
-                bacc += tl.sum(g32, axis=0)
+                if HAS_DACT:
+                    bacc += tl.sum(g32, axis=0)
+                else:
+                    bacc += tl.sum(g.to(tl.float32), axis=0)
         if NEED_W:
-            xt = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
-            acc = tl.dot(tl.trans(g32.to(xt.dtype)), xt, acc, input_precision=PRECISION)
+            xt = _load_step(x_ptrs, mmask[:, None], EVEN_M)
+            acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
             x_ptrs += BLOCK_M * s_xm
         go_ptrs += BLOCK_M * s_gom
 
@@ -409,11 +576,12 @@ _SPLIT_ALIGN = 16 if INTERPRET else 128
 _SPLIT_MAX = 64
 
 
-def choose_split(M: int, N: int, K: int, device: torch.device, need_weight: bool = True
-                 ) -> tuple[int, int]:
-    """(number of splits, rows per split) of the batch reduction of ``gw``/``gb``."""
+def choose_split(M: int, N: int, K: int, device: torch.device, need_weight: bool = True,
+                 sms: int | None = None) -> tuple[int, int]:
+    """(number of splits, rows per split) of the batch reduction of ``gw``/``gb``; ``sms``
+    overrides the device's SM count (compile-only checks)."""
     tiles = cdiv(N, _SPLIT_TILE) * (cdiv(K, _SPLIT_TILE) if need_weight else 1)
-    sms = num_sms(device)
+    sms = num_sms(device) if sms is None else sms
     max_split = min(M // _SPLIT_MIN_ROWS, _SPLIT_MAX)
     if max_split < 2 or tiles >= sms:
         return 1, max(M, 1)
@@ -440,6 +608,7 @@ def linear_vjp_split(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor |
     N = weight.shape[0]
     dtype, device = x.dtype, x.device
     prec = dot_precision(dtype)
+    x, weight, grad_out, dact = map(_streamable, (x, weight, grad_out, dact))
     has_dact = dact is not None
     gx = gw = gb = None
     da_strides = _strides(dact, 2)
