@@ -2,7 +2,8 @@
 
 (1) Overhead, on one digits batch (MLP 64-128-128-10 tanh, batch 256): one NGD step (defaults)
     against one gradient (forward + backward, the group's baseline) and against k Fisher products
-    on the same built operator, k = the iterations the step's solve used. ``extra_info`` has
+    on a built operator, k = the iterations the step's solve used, all three timed round-robin
+    (medians over 40 rounds). ``extra_info`` has
     ``step_over_grad_plus_k_products`` = step / (gradient + k·product) and ``step_over_budget``
     = step / (2·gradient + k·product), the issue's budget. The same on the MLP 256-512-512-10
     (batch 512), where a product is no longer dwarfed by per-call overheads.
@@ -16,6 +17,8 @@ Run: ``pytest benchmarks/bench_optim.py`` (about a minute on a 2-core CPU).
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -84,49 +87,66 @@ def test_fisher_products(benchmark, setup):
     benchmark(products)
 
 
-def _overhead(benchmark, model, x, y) -> None:
-    """Time one NGD step (same point and damping every round) and relate it to its parts."""
+def _overhead(benchmark, model, x, y, rounds: int = 40) -> None:
+    """One NGD step (same point and damping every time) against its parts, timed round-robin.
+
+    Each round times, in turn: a gradient; the k Fisher products of the step's solve, one after
+    another on a freshly built operator (the build itself untimed), as CG runs them; and one
+    NGD step. Ratios are of the medians, so that drift of the machine hits all three alike.
+    """
     state = [p.detach().clone() for p in model.parameters()]
     opt = NGD(model)
 
-    def step():
+    def reset():
         with torch.no_grad():
             for p, s in zip(model.parameters(), state):
                 p.copy_(s)
+
+    def step():
+        reset()
         opt.damping = 0.1
         opt.step(_closure(model, opt, x, y))
         _sync()
-    benchmark(step)
-    stats = opt.last_stats
-    k = max(stats.iterations, 1)
-    import time
-    reps = 10
-
-    def timeit(fn):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync()
-        return (time.perf_counter() - t0) / reps
 
     def grad():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-    op = FisherOperator(model, x, "categorical", damping=0.1)
-    v = torch.randn(op.num_params, device=DEVICE)
-    t_grad = timeit(grad)
-    t_prod = timeit(lambda: op.damped_matvec(v))
-    t_step = benchmark.stats.stats.median
-    ratio = t_step / (t_grad + k * t_prod)
-    budget = t_step / (2 * t_grad + k * t_prod)  # issue 3: gradient + k products + one step
+        _sync()
+
+    step()
+    k = max(opt.last_stats.iterations, 1)
+    method = opt.last_stats.method
+    times: dict[str, list[float]] = {"gradient": [], "k_products": [], "step": []}
+    for r in range(rounds + 3):
+        t0 = time.perf_counter()
+        grad()
+        t_grad = time.perf_counter() - t0
+        reset()
+        op = FisherOperator(model, x, "categorical", damping=0.1)
+        v = torch.randn(op.num_params, device=DEVICE)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            op.damped_matvec(v)
+        _sync()
+        t_prods = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step()
+        t_step = time.perf_counter() - t0
+        if r >= 3:  # warm-up rounds
+            for key, t in zip(times, (t_grad, t_prods, t_step)):
+                times[key].append(t)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    ratio = med["step"] / (med["gradient"] + med["k_products"])
+    budget = med["step"] / (2 * med["gradient"] + med["k_products"])  # + one training step
     benchmark.extra_info.update(
-        solver_iterations=stats.iterations, method=stats.method, gradient_s=t_grad,
-        product_s=t_prod, step_s=t_step, step_over_grad_plus_k_products=ratio,
-        step_over_budget=budget)
-    print(f"\nNGD step {1e3 * t_step:.1f} ms = {ratio:.2f} x (gradient {1e3 * t_grad:.2f} ms "
-          f"+ {k} products x {1e3 * t_prod:.2f} ms) = {budget:.2f} x the budget "
-          f"(+ one more gradient), method {stats.method}")
+        solver_iterations=k, method=method, gradient_s=med["gradient"],
+        product_s=med["k_products"] / k, step_s=med["step"],
+        step_over_grad_plus_k_products=ratio, step_over_budget=budget)
+    print(f"\nNGD step {1e3 * med['step']:.2f} ms = {ratio:.2f} x (gradient "
+          f"{1e3 * med['gradient']:.2f} ms + {k} products {1e3 * med['k_products']:.2f} ms) = "
+          f"{budget:.2f} x the budget (+ one more gradient), method {method}, "
+          f"medians of {rounds} interleaved rounds")
+    benchmark.pedantic(step, rounds=5, iterations=1)
 
 
 @pytest.mark.benchmark(group="ngd-step")
