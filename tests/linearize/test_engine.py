@@ -552,6 +552,25 @@ def test_trace_is_cached():
     assert traces.count == 2
 
 
+def test_cached_trace_and_plan_do_not_keep_the_model_alive():
+    """The trace cache is keyed weakly by the model and the build plan cached with the graph
+    holds the model only weakly: dropping the model frees it and its cache entry."""
+    import gc
+    import weakref
+
+    from ngtriton.linearize.engine import _TRACE_CACHE
+
+    model = mlp(nn.Tanh).to(F64)
+    x = torch.randn(3, 5, dtype=F64)
+    lin = build_engine(model, (x,))
+    build_engine(model, (x,))  # the second build reuses the cached trace and plan
+    assert model in _TRACE_CACHE
+    ref = weakref.ref(model)
+    del model, lin
+    gc.collect()
+    assert ref() is None
+
+
 def test_float32():
     torch.manual_seed(17)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 32),
