@@ -668,9 +668,9 @@ class NGD(torch.optim.Optimizer):
         evaluate = self.adaptive_damping or self.reject_steps
         predicted = math.nan
         if evaluate:
-            gdelta = (-rates[0] * ng if uniform else
-                      -sum(r * float(c.dot(gc)) for r, c, gc
-                           in zip(rates, chunks, g.split(self._sizes)) if r))
+            gdelta = (-rates[0] * ng if uniform else  # one host read either way
+                      -sum(r * d for r, d in zip(rates, torch.stack(
+                          [c.dot(gc) for c, gc in zip(chunks, g.split(self._sizes))]).tolist())))
             if x0 is None and uniform and result.method in ("cg", "dual-direct"):
                 # Galerkin: CG from 0 (and the exact solve) give nᵀ(F+λI)n = nᵀg, so
                 # δᵀFδ = lr²(nᵀg − λ‖n‖²) without one more Fisher product.

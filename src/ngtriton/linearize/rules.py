@@ -155,6 +155,13 @@ class OutputEpilogue:
     scale: float = 1.0
 
 
+def _active_cotangents(positions: Sequence[int | None],
+                       *parts: tuple[Tensor | None, Sequence[int]]) -> list[Cot]:
+    """The ``(cotangent, shape)`` parts of the roles that are active (position not None), each
+    viewed in its input's shape, in role order: what a step's ``vjp`` returns."""
+    return [c.view(shape) for pos, (c, shape) in zip(positions, parts) if pos is not None]
+
+
 class LinearStep(Step):
     """``σ(x Wᵀ + b)`` on inputs of any rank, through ``ops.linear_jvp``/``ops.linear_vjp``.
 
@@ -196,14 +203,8 @@ class LinearStep(Step):
         gx, gw, gb = self.ops.linear_vjp(self.x2, self.weight, g2, self.dact,
                                          self.xp is not None, self.wp is not None,
                                          self.bp is not None)
-        out: list[Cot] = []
-        if self.xp is not None:
-            out.append(gx.view(self.x_shape))
-        if self.wp is not None:
-            out.append(gw)
-        if self.bp is not None:
-            out.append(gb)
-        return out
+        return _active_cotangents((self.xp, self.wp, self.bp), (gx, self.x_shape),
+                                  (gw, self.weight.shape), (gb, (self.out_features,)))
 
 
 class LayerNormStep(Step):
@@ -230,14 +231,8 @@ class LayerNormStep(Step):
         gx, gw, gb = self.ops.layernorm_vjp(self.xhat, self.rstd, g2, self.weight,
                                             self.xp is not None, self.wp is not None,
                                             self.bp is not None)
-        out: list[Cot] = []
-        if self.xp is not None:
-            out.append(gx.view(self.x_shape))
-        if self.wp is not None:
-            out.append(gw.view(self.param_shape))
-        if self.bp is not None:
-            out.append(gb.view(self.param_shape))
-        return out
+        return _active_cotangents((self.xp, self.wp, self.bp), (gx, self.x_shape),
+                                  (gw, self.param_shape), (gb, self.param_shape))
 
 
 class EmbeddingStep(Step):
