@@ -153,6 +153,67 @@ def test_rejected_step_leaves_parameters_bit_identical():
     assert opt.damping == pytest.approx(1.5e-3) and opt.rejected_total == 1
 
 
+
+@pytest.mark.parametrize("method", ["cg", "auto"])  # auto: dual-direct on this small batch
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_workspace_is_reused_and_changes_nothing(dtype, method):
+    # Two identical runs; one drops its workspace before every step (fresh buffers, as without
+    # one). The parameters agree bit for bit, and the kept buffers keep their storage.
+    x, y = batch(dtype=dtype)
+    runs = []
+    for fresh in (False, True):
+        model = tiny_mlp(dtype=dtype)
+        opt = NGD(model, method=method)
+        ptrs = []
+        for _ in range(4):
+            if fresh:
+                opt.workspace.clear()
+            opt.step(make_closure(opt, model, x, y))
+            ptrs.append({name: buf.data_ptr() for name, buf in opt.workspace.items()})
+        runs.append((params_of(model), [h["damping"] for h in opt.history], ptrs))
+    assert_identical(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    kept = runs[0][2]
+    assert set(kept[0]) == {"g", "restore"} | ({"cg.x", "cg.r", "cg.p"} if method == "cg"
+                                                else set())
+    assert all(k == kept[0] for k in kept)
+
+
+def test_trial_evaluation_runs_the_forward_without_autograd():
+    # The closure's second call (the trial loss) sees the model's forward without grad mode and
+    # its parameters' flags untouched; grad mode and .grad are as they were after the step.
+    model, (x, y) = tiny_mlp(), batch()
+    opt = NGD(model)
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append(
+        (torch.is_grad_enabled(), all(p.requires_grad for p in model.parameters()))))
+    opt.step(make_closure(opt, model, x, y))
+    assert opt.last_stats.accepted and torch.isfinite(torch.tensor(opt.last_stats.trial_loss))
+    assert seen == [(True, True), (False, True)]
+    assert torch.is_grad_enabled()
+    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
+
+
+def test_a_trial_forward_that_raises_restores_parameters_and_grad_mode():
+    model, (x, y) = tiny_mlp(), batch()
+    opt = NGD(model)
+    before = params_of(model)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        calls.append(1)
+        if len(calls) == 2:  # the trial evaluation
+            model[0].register_forward_pre_hook(lambda m, a: 1 / 0)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    with pytest.raises(ZeroDivisionError):
+        opt.step(closure)
+    assert torch.is_grad_enabled()
+    assert_identical(before, params_of(model))
+    assert opt.steps == 0 and opt.history == []
+
 def test_lr_scheduler_changes_the_step():
     x, y = batch()
     norms = []

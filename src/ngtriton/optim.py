@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS, ForwardRecord
-from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, solve
-from .solvers._vecops import all_finite
+from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, Workspace, solve
+from .solvers._vecops import all_finite, norm
 
 # Defaults tuned on the digits MLP 64-128-128-10 (tanh, batch 256, 2-core CPU), see
 # benchmarks/bench_optim.py: a handful of CG iterations on a moderately damped Fisher is the
@@ -194,15 +194,20 @@ class NGD(torch.optim.Optimizer):
 
     **Damping, ρ and rejection.** With ``adaptive_damping`` (default) or ``reject_steps``
     (default), the loss is re-evaluated at the trial point by calling the closure once more in
-    *evaluation mode*: the model's parameters temporarily do not require grad and every output of
-    ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
-    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The
+    *evaluation mode*: the model's forward runs without autograd and every output of ``model`` is
+    handed to the loss as a fresh leaf, so the closure runs unchanged (its ``backward()`` only
+    reaches the loss head) at the cost of about one forward pass. The
     reduction ratio ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay;
     one extra Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
     A step that raises the loss (or makes it non-finite) is undone: the parameters are restored
     bit for bit and the damping raised. The parameters' ``.grad`` after :meth:`step` is the
     gradient of the first closure call.
+
+    **Memory.** On the CPU the step's flat vectors (the gradient, CG's x, r and p, and the
+    restore point) stay allocated between steps, five vectors the size of the parameters, because
+    fresh ones would page-fault on every step (``opt.workspace.clear()`` frees them); on a GPU
+    PyTorch's caching allocator already reuses memory and nothing is kept.
 
     **Non-finite values** (loss, gradient, a Fisher product, solution, step, trial loss) never
     reach the parameters: every parameter stays bit for bit as it was, the damping is raised (when
@@ -316,6 +321,8 @@ class NGD(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self._trainable = trainable
         self._sizes = [p.numel() for p in trainable]
+        self._numel = sum(self._sizes)
+        self.workspace = Workspace()  # the step's flat vectors on the CPU (see _step)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -404,21 +411,26 @@ class NGD(torch.optim.Optimizer):
     def _evaluate(self, closure: Callable[[], Any]) -> float | None:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
-        None when the closure cannot run in evaluation mode (its backward reaches nothing).
+        The model's forward runs without autograd (a pre-hook turns grad mode off, a hook turns
+        it back on) and each of its outputs reaches the closure as a fresh leaf, so the closure's
+        ``backward()`` only runs through the loss head. None when the closure cannot run so (its
+        backward reaches nothing).
         """
         saved_grads = [p.grad for p in self._trainable]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+
+        def no_grad_forward(module: nn.Module, args: tuple) -> None:
+            torch.set_grad_enabled(False)  # as a function: takes effect now
 
         def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
+            torch.set_grad_enabled(True)
             if isinstance(output, Tensor) and output.is_floating_point():
                 return output.detach().requires_grad_(True)
             return None
 
-        handle = self.model.register_forward_hook(leaf_outputs)
+        handles = (self.model.register_forward_pre_hook(no_grad_forward),
+                   self.model.register_forward_hook(leaf_outputs))
         try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            with torch.enable_grad():
+            with torch.enable_grad():  # also restores grad mode if the forward raised
                 value: float | None = self._loss_value(closure())
         except (ValueError, TypeError):
             raise
@@ -427,9 +439,8 @@ class NGD(torch.optim.Optimizer):
                 raise
             value = None
         finally:
-            handle.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for handle in handles:
+                handle.remove()
             for p, grad in zip(self._trainable, saved_grads):
                 p.grad = grad
         return value
@@ -499,7 +510,7 @@ class NGD(torch.optim.Optimizer):
         stats["rejected_total"] = self.rejected_total
         self.last_stats = NGDStats(**stats)
         if self.keep_history:
-            self.history.append(asdict(self.last_stats))
+            self.history.append(dict(vars(self.last_stats)))  # a shallow copy: all scalars
 
     def _skip(self, reason: str, what: str, detail: str, stats: dict[str, Any], t0: float
               ) -> None:
@@ -584,14 +595,25 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         decay = self._per_param("weight_decay")
+        # On the CPU the step's flat vectors (g, CG's x, r, p, the restore point) live in a
+        # workspace kept between steps: fresh ones would page-fault on every step.
+        ws = (self.workspace if params[0].device.type == "cpu"
+              and all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+              else None)
         with torch.no_grad():  # g = the .grads (+ weight decay), flat: one copy of them
-            g = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                           if p.grad is None else p.grad.detach().reshape(-1) for p in params])
+            grads = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                     if p.grad is None else p.grad.detach().reshape(-1) for p in params]
+            g = (torch.cat(grads) if ws is None else
+                 torch.cat(grads, out=ws.get("g", self._numel, params[0].dtype,
+                                             params[0].device)))
+            del grads
             for p, chunk in zip(params, g.split(self._sizes)):
                 if decay.get(id(p)):
                     chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
-            finite = bool(all_finite(g))
-            grad_norm = float(g.norm())
+            # A finite ‖g‖ means a finite g (NaN and Inf propagate): one pass for both; only a
+            # non-finite norm (or one that overflowed from finite values) needs the exact check.
+            grad_norm = float(norm(g))
+            finite = math.isfinite(grad_norm) or bool(all_finite(g))
         stats["grad_norm"] = grad_norm
         if not finite:
             bad = [self._names.get(id(p), "?") for p in params
@@ -615,7 +637,8 @@ class NGD(torch.optim.Optimizer):
         op.last_only = method == "cg" and op.device.type == "cpu"  # CG's host loop: see there
         try:
             with torch.no_grad():
-                result = solve(op, g, method=method, tol=self.tol, maxiter=self.maxiter, x0=x0)
+                result = solve(op, g, method=method, tol=self.tol, maxiter=self.maxiter, x0=x0,
+                               workspace=ws)
         except torch.linalg.LinAlgError:  # e.g. eigh of a kernel matrix holding NaN
             if not op.any_bad():
                 raise
@@ -631,7 +654,10 @@ class NGD(torch.optim.Optimizer):
                        f"NaN or Inf from a Fisher product during the {result.method} solve",
                        stats, t0)
             return loss
-        if not bool(all_finite(n)):
+        with torch.no_grad():
+            # ‖n‖² and nᵀg in one host read; a finite ‖n‖² means a finite n (one pass fewer).
+            ng, nn_ = (float(t) for t in torch.stack([n.dot(g), n.dot(n)]).tolist())
+        if not math.isfinite(nn_) and not bool(all_finite(n)):
             self._skip("nonfinite_solution", "solution",
                        f"NaN or Inf in the natural gradient returned by {result.method}",
                        stats, t0)
@@ -645,9 +671,8 @@ class NGD(torch.optim.Optimizer):
         uniform = len(set(rates)) == 1
         chunks = n.split(self._sizes)
         with torch.no_grad():
-            # ‖n‖ and nᵀg in one sync; per-parameter norms only when the rates differ or
-            # weight decay needs them. δ = −rate·n is never formed unless a product needs it.
-            ng, nn_ = (float(t) for t in torch.stack([n.dot(g), n.dot(n)]).tolist())
+            # Per-parameter norms only when the rates differ or weight decay needs them.
+            # δ = −rate·n is never formed unless a product needs it.
             if uniform and not any(decay.values()):
                 sq = [nn_]
             else:
@@ -690,7 +715,11 @@ class NGD(torch.optim.Optimizer):
                 return loss
         stats["predicted_reduction"] = predicted
 
-        old = [p.detach().clone() for p in params]  # a bit-exact restore point
+        with torch.no_grad():  # a bit-exact restore point: one flat copy
+            flat = [p.detach().reshape(-1) for p in params]
+            old_flat = (torch.cat(flat) if ws is None else torch.cat(flat, out=ws.get(
+                "restore", self._numel, params[0].dtype, params[0].device)))
+        old = [o.view(p.shape) for o, p in zip(old_flat.split(self._sizes), params)]
 
         def restore() -> None:
             with torch.no_grad():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import operator
@@ -168,10 +169,25 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None  # user layer without submodules: opaque node
 
 
-def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Graph:
-    sig_params: list[inspect.Parameter] = []
+@functools.lru_cache(maxsize=256)
+def _class_forward_params(cls: type) -> tuple[inspect.Parameter, ...]:
+    """The parameters of ``cls.forward`` after ``self`` (cached: read on every build)."""
+    bound = not isinstance(inspect.getattr_static(cls, "forward", None), staticmethod)
     with contextlib.suppress(TypeError, ValueError):
-        sig_params = list(inspect.signature(model.forward).parameters.values())
+        return tuple(inspect.signature(cls.forward).parameters.values())[int(bound):]
+    return ()
+
+
+def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
+    if "forward" not in vars(model):  # the class's forward, as almost always
+        return list(_class_forward_params(type(model)))
+    with contextlib.suppress(TypeError, ValueError):
+        return list(inspect.signature(model.forward).parameters.values())
+    return []
+
+
+def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Graph:
+    sig_params = _forward_params(model)
     concrete: dict[str, Any] = {}
     positional = [p for p in sig_params
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -10,6 +10,7 @@ from .dual import dual_direct, dual_krylov, kernel_matrix
 from .lsmr import lsmr
 from .minres import minres
 from .result import REASONS, SolveResult
+from .workspace import Workspace
 
-__all__ = ["DUAL_DIRECT_MAX_ROWS", "METHODS", "REASONS", "SolveResult", "cg", "dual_direct",
-           "dual_krylov", "kernel_matrix", "lsmr", "minres", "solve"]
+__all__ = ["DUAL_DIRECT_MAX_ROWS", "METHODS", "REASONS", "SolveResult", "Workspace", "cg",
+           "dual_direct", "dual_krylov", "kernel_matrix", "lsmr", "minres", "solve"]

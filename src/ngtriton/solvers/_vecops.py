@@ -75,6 +75,8 @@ def update_direction(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
     fused = _fused(p)
     if fused is not None:
         return fused.update_direction(p, r, beta)
+    if p.device.type == "cpu":  # one pass (reading β is free here) instead of mul_ then add_
+        return torch.add(r, p, alpha=float(beta), out=p)
     return p.mul_(beta.to(p.dtype)).add_(r)
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._vecops import all_finite
 from .cg import cg
 from .dual import dual_direct, dual_krylov
 from .lsmr import lsmr
 from .minres import minres
 from .result import SolveResult, check_options
+from .workspace import Workspace
 
 DUAL_DIRECT_MAX_ROWS = 512
 METHODS = ("auto", "cg", "minres", "lsmr", "lsqr", "dual", "dual-direct", "dual-krylov")
@@ -60,7 +62,8 @@ def _pick(method: str, R: int, P: int, have_b: bool, lam: float, have_x0: bool) 
 
 def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "auto", *,
           tol: float = 1e-6, atol: float = 0.0, maxiter: int | None = None,
-          x0: Tensor | Sequence[Tensor] | None = None, check_every: int = 1) -> SolveResult:
+          x0: Tensor | Sequence[Tensor] | None = None, check_every: int = 1,
+          workspace: Workspace | None = None) -> SolveResult:
     """Solve ``(F + λI) x = rhs`` for a Fisher operator ``op`` (λ = ``op.damping``).
 
     At λ = 0 every method returns the minimum-norm solution ``F⁺ rhs`` (from ``x0 = 0``).
@@ -89,6 +92,9 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
             minimum-norm property (a warning says so).
         check_every: read the stopping test on the host every ``check_every`` iterations (on
             CUDA, > 1 avoids a synchronisation per iteration).
+        workspace: a :class:`~ngtriton.solvers.workspace.Workspace` whose buffers CG reuses
+            for its vectors (worth it on the CPU, for repeated solves); ``result.x`` then lives
+            in it and is overwritten by the next solve given the same workspace.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, "
@@ -102,7 +108,8 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         g, b, as_list = op.gradient(), op.gradient_factor(), False
     else:
         (g, as_list), b = _flat_rhs(op, rhs), None
-    if not bool(torch.isfinite(g).all()):
+    # One summing pass; the exact test only when the sum is not finite (huge finite values).
+    if not bool(all_finite(g)) and not bool(torch.isfinite(g).all()):
         what = "the gradient" if rhs is None else "rhs"
         raise ValueError(f"rhs: {what} contains NaN or Inf (check the inputs and the loss)")
     chosen = _pick(method, R, P, b is not None, lam, x0 is not None)
@@ -120,7 +127,7 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
                           "F⁺rhs (null-space components of x0 are kept)", stacklevel=2)
     kw: dict[str, Any] = dict(tol=tol, atol=atol, maxiter=maxiter, check_every=check_every)
     if chosen == "cg":
-        result = cg(op.damped_matvec, g, x0=x0_flat, **kw)
+        result = cg(op.damped_matvec, g, x0=x0_flat, workspace=workspace, **kw)
     elif chosen == "minres":
         result = minres(op.damped_matvec, g, x0=x0_flat, **kw)
     elif chosen == "lsmr":

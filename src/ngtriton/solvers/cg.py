@@ -17,12 +17,14 @@ from .result import (
     default_maxiter,
     trivial_result,
 )
+from .workspace import Workspace
 
 Matvec = Callable[[Tensor], Tensor]
 
 
 def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6,
-       atol: float = 0.0, maxiter: int | None = None, check_every: int = 1) -> SolveResult:
+       atol: float = 0.0, maxiter: int | None = None, check_every: int = 1,
+       workspace: Workspace | None = None) -> SolveResult:
     """Solve ``M x = b`` for symmetric PSD ``M`` (given as ``matvec``) by conjugate gradients.
 
     From ``x0 = 0`` on a consistent singular system the iterates stay in range(M), so CG
@@ -34,6 +36,10 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     Scalars stay on the device; the host reads them every ``check_every`` iterations. On CUDA a
     value > 1 avoids one synchronisation per iteration at the price of up to ``check_every − 1``
     wasted (frozen) iterations after the stop.
+
+    ``workspace``: a :class:`~ngtriton.solvers.workspace.Workspace` that holds ``x``, ``r`` and
+    ``p`` between calls (no fresh allocations on the CPU); ``result.x`` is then its ``"cg.x"``
+    buffer, overwritten by the next solve that uses the workspace.
     """
     b = check_vector(b, "b")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
@@ -41,17 +47,24 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     bnorm = float(vo.norm(b))
     if bnorm == 0.0:
         return trivial_result(torch.zeros_like(b), "cg")
+    if x0 is not None:
+        x0 = check_vector(x0, "x0", b.numel())
+
+    def vector(name: str) -> Tensor:
+        return torch.empty_like(b) if workspace is None else workspace.like(f"cg.{name}", b)
+
+    x, r = vector("x"), vector("r")
     if x0 is None:
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x.zero_()
+        r.copy_(b)
     else:
-        x = check_vector(x0, "x0", b.numel()).to(b.dtype).clone()
-        r = b - matvec(x)
+        x.copy_(x0)
+        torch.sub(b, matvec(x), out=r)
     rr = vo.dot(r, r)
     mon = Monitor(rr.sqrt() / bnorm, max(tol, atol / bnorm), check_every)
     if mon.residual <= mon.threshold:
         return trivial_result(x, "cg", "converged", mon.residual)
-    p = r.clone()
+    p = vector("p").copy_(r)
     tiny = torch.finfo(rr.dtype).tiny
     if not b.is_cuda and check_every == 1:
         return _cg_host(matvec, x, r, p, float(rr), bnorm, mon.threshold, maxiter, tiny)
@@ -95,7 +108,7 @@ def _cg_host(matvec: Matvec, x: Tensor, r: Tensor, p: Tensor, rr: float, bnorm: 
         if history[-1] <= threshold:
             reason = "converged"
             break
-        p.mul_(rr_new / rr).add_(r)
+        torch.add(r, p, alpha=rr_new / rr, out=p)  # p = r + βp, as vo.update_direction
         rr = rr_new
     residual = history[-1] if history else math.sqrt(rr) / bnorm
     return SolveResult(x=x, iterations=len(history), residual=residual,
