@@ -179,19 +179,58 @@ def test_cpu_workspace_is_reused_and_changes_nothing(dtype, method):
     assert all(k == kept[0] for k in kept)
 
 
-def test_trial_evaluation_runs_the_forward_without_autograd():
-    # The closure's second call (the trial loss) sees the model's forward without grad mode and
-    # its parameters' flags untouched; grad mode and .grad are as they were after the step.
+def test_trial_evaluation_keeps_grad_mode_for_models_that_differentiate():
+    # A model whose forward itself uses autograd (a force field: the gradient of an energy)
+    # must still get a trial loss: evaluation turns off the parameters' requires_grad, not
+    # grad mode. Its first steps are accepted and lower the loss.
+    class Forces(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.energy = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+        def forward(self, x):
+            x = x.detach().requires_grad_(True)
+            return torch.autograd.grad(self.energy(x).sum(), x, create_graph=True)[0]
+
+    torch.manual_seed(0)
+    model = Forces()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    target = torch.randn(12, 4, dtype=torch.float64)
+    opt = NGD(model, likelihood="gaussian", method="cg")
+    seen = []
+    model.energy[0].register_forward_hook(lambda m, a, out: seen.append(
+        (torch.is_grad_enabled(), m.weight.requires_grad)))
+    nll = lambda z, t: 0.5 * (z - t).pow(2).sum(-1).mean()  # noqa: E731
+    for _ in range(3):
+        opt.step(make_closure(opt, model, x, target, nll))
+    assert all(math.isfinite(h["trial_loss"]) for h in opt.history)  # never "cannot evaluate"
+    assert opt.history[0]["accepted"] and opt.history[1]["accepted"]
+    assert opt.history[1]["trial_loss"] < opt.history[0]["loss"]
+    assert all(grad_mode for grad_mode, _ in seen)  # every forward: closure, build, trial
+    assert (True, False) in seen  # the trial's: parameters frozen, grad mode on
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_grad_after_step_is_the_first_calls_even_with_a_term_outside_the_model():
+    # The closure adds a penalty on the parameters outside the model and accumulates into .grad
+    # (no zero_grad inside): the trial call must not add into the saved gradient.
     model, (x, y) = tiny_mlp(), batch()
     opt = NGD(model)
-    seen = []
-    model[0].register_forward_hook(lambda m, a, out: seen.append(
-        (torch.is_grad_enabled(), all(p.requires_grad for p in model.parameters()))))
-    opt.step(make_closure(opt, model, x, y))
-    assert opt.last_stats.accepted and torch.isfinite(torch.tensor(opt.last_stats.trial_loss))
-    assert seen == [(True, True), (False, True)]
-    assert torch.is_grad_enabled()
-    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
+
+    def objective():
+        return F.cross_entropy(model(x), y) + 1e-2 * sum(p.pow(2).sum()
+                                                         for p in model.parameters())
+
+    def closure():
+        loss = objective()
+        loss.backward()
+        return loss
+    expected = torch.autograd.grad(objective(), list(model.parameters()))
+    opt.zero_grad()
+    opt.step(closure)
+    assert opt.last_stats.accepted
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
 
 
 def test_a_trial_forward_that_raises_restores_parameters_and_grad_mode():

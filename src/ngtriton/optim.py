@@ -194,9 +194,9 @@ class NGD(torch.optim.Optimizer):
 
     **Damping, ρ and rejection.** With ``adaptive_damping`` (default) or ``reject_steps``
     (default), the loss is re-evaluated at the trial point by calling the closure once more in
-    *evaluation mode*: the model's forward runs without autograd and every output of ``model`` is
-    handed to the loss as a fresh leaf, so the closure runs unchanged (its ``backward()`` only
-    reaches the loss head) at the cost of about one forward pass. The
+    *evaluation mode*: the model's parameters temporarily do not require grad and every output of
+    ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
+    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The
     reduction ratio ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay;
     one extra Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
@@ -411,26 +411,25 @@ class NGD(torch.optim.Optimizer):
     def _evaluate(self, closure: Callable[[], Any]) -> float | None:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
-        The model's forward runs without autograd (a pre-hook turns grad mode off, a hook turns
-        it back on) and each of its outputs reaches the closure as a fresh leaf, so the closure's
-        ``backward()`` only runs through the loss head. None when the closure cannot run so (its
-        backward reaches nothing).
+        The parameters stop requiring grad for the call (grad mode itself stays on, so a model
+        whose forward differentiates, e.g. ``autograd.grad`` of an energy, still runs) and each
+        output of the model reaches the closure as a fresh leaf, so the closure's ``backward()``
+        only runs through the loss head. None when the closure cannot run in evaluation mode
+        (its backward reaches nothing).
         """
         saved_grads = [p.grad for p in self._trainable]
-
-        def no_grad_forward(module: nn.Module, args: tuple) -> None:
-            torch.set_grad_enabled(False)  # as a function: takes effect now
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
         def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
-            torch.set_grad_enabled(True)
             if isinstance(output, Tensor) and output.is_floating_point():
                 return output.detach().requires_grad_(True)
             return None
 
-        handles = (self.model.register_forward_pre_hook(no_grad_forward),
-                   self.model.register_forward_hook(leaf_outputs))
+        handle = self.model.register_forward_hook(leaf_outputs)
         try:
-            with torch.enable_grad():  # also restores grad mode if the forward raised
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.enable_grad():
                 value: float | None = self._loss_value(closure())
         except (ValueError, TypeError):
             raise
@@ -439,8 +438,9 @@ class NGD(torch.optim.Optimizer):
                 raise
             value = None
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
             for p, grad in zip(self._trainable, saved_grads):
                 p.grad = grad
         return value

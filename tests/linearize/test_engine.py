@@ -820,3 +820,45 @@ def test_inplace_relu_in_sequential_stays_on_the_engine():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     build_engine(model, (x,))  # the mutated value has no other reader: exact out of place
+
+
+def test_forward_signature_read_like_inspect_for_every_kind_of_forward():
+    # The per-class cache must give what inspect.signature(model.forward) gives: plain methods,
+    # static/class methods, partials, callable objects and per-instance overrides.
+    import functools
+    import inspect
+
+    from ngtriton.linearize.engine import _forward_params
+
+    def f(self, x, mask=None):
+        return x
+
+    class Call:
+        def __call__(self, x, mask=None):
+            return x
+
+    class Plain(nn.Module):
+        def forward(self, x, mask=None):
+            return x
+
+    class Static(nn.Module):
+        @staticmethod
+        def forward(x, mask=None):
+            return x
+
+    class Cls(nn.Module):
+        @classmethod
+        def forward(cls, x, mask=None):
+            return x
+
+    class Partial(nn.Module):
+        forward = functools.partial(f, None)
+
+    class Obj(nn.Module):
+        forward = Call()
+
+    override = Plain()
+    override.forward = lambda y: y
+    for m in (Plain(), Plain(), Static(), Cls(), Partial(), Obj(), override):
+        want = list(inspect.signature(m.forward).parameters.values())
+        assert _forward_params(m) == want

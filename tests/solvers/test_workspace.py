@@ -64,3 +64,18 @@ def test_solve_hands_the_workspace_to_cg_only():
     other = Workspace()
     res = solve(op, op.gradient(), method="minres", tol=1e-10, workspace=other)
     assert len(other) == 0 and res.converged
+
+
+def test_cg_copes_with_a_right_hand_side_or_warm_start_from_its_own_workspace():
+    # Solving again with b (or x0) = the previous result.x, which lives in the workspace.
+    op = make_operator(30, 24, 8, damping=0.2, seed=6)
+    ws = Workspace()
+    first = cg(op.damped_matvec, op.gradient(), tol=1e-10, workspace=ws)
+    b = first.x.clone()
+    again = cg(op.damped_matvec, first.x, tol=1e-10, workspace=ws)
+    assert torch.equal(again.x, cg(op.damped_matvec, b, tol=1e-10).x) and again.iterations > 0
+    g = op.gradient()
+    first = cg(op.damped_matvec, g, tol=1e-3, workspace=ws)
+    x0 = first.x.clone()
+    warm = cg(op.damped_matvec, g, x0=first.x, tol=1e-10, workspace=ws)
+    assert torch.equal(warm.x, cg(op.damped_matvec, g, x0=x0, tol=1e-10).x)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
-import functools
 import inspect
 import math
 import operator
@@ -169,21 +168,24 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None  # user layer without submodules: opaque node
 
 
-@functools.lru_cache(maxsize=256)
-def _class_forward_params(cls: type) -> tuple[inspect.Parameter, ...]:
-    """The parameters of ``cls.forward`` after ``self`` (cached: read on every build)."""
-    bound = not isinstance(inspect.getattr_static(cls, "forward", None), staticmethod)
-    with contextlib.suppress(TypeError, ValueError):
-        return tuple(inspect.signature(cls.forward).parameters.values())[int(bound):]
-    return ()
+_SIGNATURES: weakref.WeakKeyDictionary[type, tuple[inspect.Parameter, ...]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
-    if "forward" not in vars(model):  # the class's forward, as almost always
-        return list(_class_forward_params(type(model)))
+    """The parameters of ``model.forward``, cached per class when ``forward`` is a plain
+    function defined on the class (read on every build); computed afresh otherwise."""
+    cls = type(model)
+    plain = "forward" not in vars(model) and inspect.isfunction(
+        inspect.getattr_static(cls, "forward", None))
+    if plain and cls in _SIGNATURES:
+        return list(_SIGNATURES[cls])
+    params: tuple[inspect.Parameter, ...] = ()
     with contextlib.suppress(TypeError, ValueError):
-        return list(inspect.signature(model.forward).parameters.values())
-    return []
+        params = tuple(inspect.signature(model.forward).parameters.values())
+    if plain:
+        _SIGNATURES[cls] = params
+    return list(params)
 
 
 def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Graph:

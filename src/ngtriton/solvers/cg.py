@@ -54,6 +54,12 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
         return torch.empty_like(b) if workspace is None else workspace.like(f"cg.{name}", b)
 
     x, r = vector("x"), vector("r")
+    if workspace is not None:  # b or x0 may be an earlier result.x, i.e. one of these buffers
+        ours = {t.untyped_storage().data_ptr() for t in (x, r, workspace.like("cg.p", b))}
+        if b.untyped_storage().data_ptr() in ours:
+            b = b.clone()
+        if x0 is not None and x0.untyped_storage().data_ptr() in ours:
+            x0 = x0.clone()
     if x0 is None:
         x.zero_()
         r.copy_(b)

@@ -29,6 +29,8 @@ class Workspace:
         """An uninitialised flat tensor for ``name`` (the same storage as last time if it fits)."""
         buf = self._buffers.get(name)
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[name] = buf
