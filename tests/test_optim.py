@@ -179,6 +179,7 @@ def test_cpu_workspace_is_reused_and_changes_nothing(dtype, method):
     assert all(k == kept[0] for k in kept)
 
 
+@pytest.mark.filterwarnings("ignore:ngtriton. the per-module engine")
 def test_trial_evaluation_keeps_grad_mode_for_models_that_differentiate():
     # A model whose forward itself uses autograd (a force field: the gradient of an energy)
     # must still get a trial loss: evaluation turns off the parameters' requires_grad, not
