@@ -446,6 +446,13 @@ class NGD(torch.optim.Optimizer):
         return value
 
     # --- pieces of a step ---
+    def _flat(self, name: str, tensors: list[Tensor], ws: Workspace | None) -> Tensor:
+        """``tensors`` flattened into one vector: the workspace's buffer ``name`` if given."""
+        parts = [t.reshape(-1) for t in tensors]
+        if ws is None:
+            return torch.cat(parts)
+        return torch.cat(parts, out=ws.get(name, self._numel, parts[0].dtype, parts[0].device))
+
     def _per_param(self, key: str) -> dict[int, float]:
         return {id(p): float(g[key]) for g in self.param_groups for p in g["params"]}
 
@@ -601,12 +608,8 @@ class NGD(torch.optim.Optimizer):
               and all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
               else None)
         with torch.no_grad():  # g = the .grads (+ weight decay), flat: one copy of them
-            grads = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                     if p.grad is None else p.grad.detach().reshape(-1) for p in params]
-            g = (torch.cat(grads) if ws is None else
-                 torch.cat(grads, out=ws.get("g", self._numel, params[0].dtype,
-                                             params[0].device)))
-            del grads
+            g = self._flat("g", [torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                                 if p.grad is None else p.grad.detach() for p in params], ws)
             for p, chunk in zip(params, g.split(self._sizes)):
                 if decay.get(id(p)):
                     chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
@@ -716,9 +719,7 @@ class NGD(torch.optim.Optimizer):
         stats["predicted_reduction"] = predicted
 
         with torch.no_grad():  # a bit-exact restore point: one flat copy
-            flat = [p.detach().reshape(-1) for p in params]
-            old_flat = (torch.cat(flat) if ws is None else torch.cat(flat, out=ws.get(
-                "restore", self._numel, params[0].dtype, params[0].device)))
+            old_flat = self._flat("restore", [p.detach() for p in params], ws)
         old = [o.view(p.shape) for o, p in zip(old_flat.split(self._sizes), params)]
 
         def restore() -> None:

@@ -53,9 +53,9 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     def vector(name: str) -> Tensor:
         return torch.empty_like(b) if workspace is None else workspace.like(f"cg.{name}", b)
 
-    x, r = vector("x"), vector("r")
+    x, r, p = vector("x"), vector("r"), vector("p")
     if workspace is not None:  # b or x0 may be an earlier result.x, i.e. one of these buffers
-        ours = {t.untyped_storage().data_ptr() for t in (x, r, workspace.like("cg.p", b))}
+        ours = {t.untyped_storage().data_ptr() for t in (x, r, p)}
         if b.untyped_storage().data_ptr() in ours:
             b = b.clone()
         if x0 is not None and x0.untyped_storage().data_ptr() in ours:
@@ -70,7 +70,7 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     mon = Monitor(rr.sqrt() / bnorm, max(tol, atol / bnorm), check_every)
     if mon.residual <= mon.threshold:
         return trivial_result(x, "cg", "converged", mon.residual)
-    p = vector("p").copy_(r)
+    p.copy_(r)
     tiny = torch.finfo(rr.dtype).tiny
     if not b.is_cuda and check_every == 1:
         return _cg_host(matvec, x, r, p, float(rr), bnorm, mon.threshold, maxiter, tiny)
