@@ -79,3 +79,12 @@ def test_cg_copes_with_a_right_hand_side_or_warm_start_from_its_own_workspace():
     x0 = first.x.clone()
     warm = cg(op.damped_matvec, g, x0=first.x, tol=1e-10, workspace=ws)
     assert torch.equal(warm.x, cg(op.damped_matvec, g, x0=x0, tol=1e-10).x)
+
+
+def test_a_workspace_of_the_wrong_type_is_named():
+    op = make_operator(10, 6, damping=0.1)
+    g = op.gradient()
+    with pytest.raises(TypeError, match=r"^workspace:"):
+        cg(op.damped_matvec, g, workspace={})
+    with pytest.raises(TypeError, match=r"^workspace:"):
+        solve(op, g, method="minres", workspace="cg")

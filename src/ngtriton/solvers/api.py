@@ -100,6 +100,7 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, "
                          f"got {method!r}")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
+    workspace = Workspace.check(workspace)
     lam = float(op.damping)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"op: damping must be finite and ≥ 0, got {lam}")

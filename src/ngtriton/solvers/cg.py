@@ -43,6 +43,7 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     """
     b = check_vector(b, "b")
     tol, atol, maxiter, check_every = check_options(tol, atol, maxiter, check_every)
+    workspace = Workspace.check(workspace)
     maxiter = default_maxiter(maxiter, b.numel())
     bnorm = float(vo.norm(b))
     if bnorm == 0.0:

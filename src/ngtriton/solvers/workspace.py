@@ -36,6 +36,14 @@ class Workspace:
             self._buffers[name] = buf
         return buf
 
+    @staticmethod
+    def check(workspace: object) -> Workspace | None:
+        """``workspace`` if it is None or a Workspace; else a TypeError naming the argument."""
+        if workspace is not None and not isinstance(workspace, Workspace):
+            raise TypeError(f"workspace: expected an ngtriton.solvers.Workspace or None, got "
+                            f"{type(workspace).__name__}")
+        return workspace
+
     def like(self, name: str, v: Tensor) -> Tensor:
         """:meth:`get` with ``v``'s length, dtype and device."""
         return self.get(name, v.numel(), v.dtype, v.device)
