@@ -154,6 +154,23 @@ def test_rejected_step_leaves_parameters_bit_identical():
 
 
 
+def test_huge_finite_parameters_are_not_mistaken_for_an_overflow():
+    # float32 weights of 1.5e38 that the inputs never reach (their column of x is 0): a float32
+    # sum over them overflows, yet every value is finite, so the step must not be skipped.
+    model = tiny_mlp(dtype=torch.float32)
+    x, y = batch(dtype=torch.float32)
+    x[:, 0] = 0.0
+    with torch.no_grad():
+        model[0].weight[:, 0] = 1.5e38
+    huge = model[0].weight[:, 0].clone()
+    opt = NGD(model)
+    opt.step(make_closure(opt, model, x, y))
+    s = opt.last_stats
+    assert s.reason in ("accepted", "rejected") and s.step_norm >= 0.0 and opt.skipped_total == 0
+    assert torch.equal(model[0].weight[:, 0], huge)  # no gradient there: left as they were
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("method", ["cg", "auto"])  # auto: dual-direct on this small batch
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_workspace_is_reused_and_changes_nothing(dtype, method):

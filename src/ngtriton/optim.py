@@ -24,7 +24,7 @@ from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS, ForwardRecord
 from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, Workspace, solve
-from .solvers._vecops import all_finite, norm
+from .solvers._vecops import acc_dtype, all_finite, norm
 
 # Defaults tuned on the digits MLP 64-128-128-10 (tanh, batch 256, 2-core CPU), see
 # benchmarks/bench_optim.py: a handful of CG iterations on a moderately damped Fisher is the
@@ -117,20 +117,23 @@ class _GuardedOperator:
         self._op = op
         self._host = op.device.type == "cpu"  # reading a CPU scalar costs no synchronisation
         self._bad_host = False
-        self._bad = torch.zeros((), dtype=torch.bool, device=op.device)
+        self._bad = None if self._host else torch.zeros((), dtype=torch.bool, device=op.device)
         # last_only: check only the newest product, when any_bad() is asked. Right for CG's
         # host loop, which stops at the first non-finite product (its pᵀAp is then non-finite:
         # NaN·x, Inf·0 and Inf − Inf are all NaN), so a bad product is always the last one.
         self.last_only = False
         self._last: Tensor | None = None
+        for name in self.PRODUCTS:  # bound once: CG calls one of them per iteration
+            product = getattr(op, name, None)
+            if product is not None:
+                setattr(self, name, self._guarded(product))
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._op, name)
-        if name not in self.PRODUCTS:
-            return attr
+    def __getattr__(self, name: str) -> Any:  # everything but the products: the operator's
+        return getattr(self._op, name)
 
-        def product(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            out = attr(v, *args, **kwargs)
+    def _guarded(self, product: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def guarded(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            out = product(v, *args, **kwargs)
             # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks),
             # so a non-finite output is the product's own doing: one summing pass, and no host
             # sync on a GPU.
@@ -141,13 +144,13 @@ class _GuardedOperator:
             else:
                 self._bad = self._bad | ~all_finite(out)
             return out
-        return product
+        return guarded
 
     def any_bad(self) -> bool:
         if self._last is not None:
             self._bad_host = self._bad_host or not bool(all_finite(self._last))
             self._last = None
-        return self._bad_host or bool(self._bad)
+        return self._bad_host or (self._bad is not None and bool(self._bad))
 
 
 class _BoundKwargs(nn.Module):
@@ -610,9 +613,10 @@ class NGD(torch.optim.Optimizer):
         with torch.no_grad():  # g = the .grads (+ weight decay), flat: one copy of them
             g = self._flat("g", [torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
                                  if p.grad is None else p.grad.detach() for p in params], ws)
-            for p, chunk in zip(params, g.split(self._sizes)):
-                if decay.get(id(p)):
-                    chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
+            if any(decay.values()):
+                for p, chunk in zip(params, g.split(self._sizes)):
+                    if decay.get(id(p)):
+                        chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
             # A finite ‖g‖ means a finite g (NaN and Inf propagate): one pass for both; only a
             # non-finite norm (or one that overflowed from finite values) needs the exact check.
             grad_norm = float(norm(g))
@@ -672,7 +676,7 @@ class NGD(torch.optim.Optimizer):
         in_group = {id(p) for group in self.param_groups for p in group["params"]}
         rates = [lr[id(p)] if id(p) in in_group else 0.0 for p in params]
         uniform = len(set(rates)) == 1
-        chunks = n.split(self._sizes)
+        chunks = torch.split_with_sizes(n, self._sizes)
         with torch.no_grad():
             # Per-parameter norms only when the rates differ or weight decay needs them.
             # δ = −rate·n is never formed unless a product needs it.
@@ -720,19 +724,28 @@ class NGD(torch.optim.Optimizer):
 
         with torch.no_grad():  # a bit-exact restore point: one flat copy
             old_flat = self._flat("restore", [p.detach() for p in params], ws)
-        old = [o.view(p.shape) for o, p in zip(old_flat.split(self._sizes), params)]
+
+        def old() -> list[Tensor]:
+            return [o.view(p.shape) for o, p in zip(torch.split_with_sizes(old_flat, self._sizes),
+                                                    params)]
 
         def restore() -> None:
             with torch.no_grad():
-                for p, o in zip(params, old):
-                    p.copy_(o)
+                torch._foreach_copy_(params, old())
 
         with torch.no_grad():
-            for p, c, r in zip(params, chunks, rates):
-                if r:
-                    p.add_(c.view(p.shape), alpha=-r)
-            finite = bool(all_finite(torch.stack([p.detach().sum(dtype=torch.float64)
-                                                  for p in params])))
+            if uniform:  # one dispatch for all parameters (same arithmetic as p.add_)
+                torch._foreach_add_(params, [c.view(p.shape) for c, p in zip(chunks, params)],
+                                    alpha=-rates[0])
+            else:
+                for p, c, r in zip(params, chunks, rates):
+                    if r:
+                        p.add_(c.view(p.shape), alpha=-r)
+            # One summing pass per parameter (NaN and Inf propagate, see all_finite); the exact
+            # test only when a sum is not finite.
+            finite = (bool(torch.isfinite(torch.stack(
+                [p.sum(dtype=acc_dtype(p.dtype)) for p in params])).all())
+                      or all(bool(torch.isfinite(p).all()) for p in params))
         if not finite:
             restore()
             stats["step_norm"] = 0.0
@@ -758,8 +771,9 @@ class NGD(torch.optim.Optimizer):
             return loss
         trial = math.nan if trial is None else trial
         with torch.no_grad():
-            reg_change = sum(0.5 * decay[id(p)] * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
-                             for p, o in zip(params, old) if decay.get(id(p)))
+            reg_change = (sum(0.5 * decay[id(p)] * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
+                              for p, o in zip(params, old()) if decay.get(id(p)))
+                          if any(decay.values()) else 0.0)
         actual = trial - loss_value + reg_change
         rho = actual / predicted if predicted < 0 else -math.inf
         if not math.isfinite(actual):

@@ -649,8 +649,6 @@ class _Builder:
     def _node(self, node: Node, live: bool) -> None:
         mod = self.modules.get(node)
         active_in = [n for n in node.all_input_nodes if n in self.slots]
-        mod_params = ([p for p in mod.parameters() if p.requires_grad] if mod is not None
-                      else [])
         if node in self.fused:
             self._linear(self.fused[node], self._activation(node), node)
             self.values[node] = self.values.pop(self.fused[node])
@@ -658,11 +656,12 @@ class _Builder:
                 self.slots[node] = self.slots.pop(self.fused[node])
                 self.steps[-1].label = node.name
             return
-        if not live or not (active_in or mod_params):
+        if not live or not (active_in or (mod is not None and any(
+                p.requires_grad for p in mod.parameters()))):
             self.values[node] = self._inactive(node, mod)
             return
         if mod is not None:
-            self._module_node(node, mod, mod_params)
+            self._module_node(node, mod)
         else:
             self._function_node(node, active_in)
 
@@ -677,7 +676,7 @@ class _Builder:
             return args[0] if args else kwargs["input"]
         return self._runner(node)(args, kwargs)
 
-    def _module_node(self, node: Node, mod: nn.Module, mod_params: list[Tensor]) -> None:
+    def _module_node(self, node: Node, mod: nn.Module) -> None:
         x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         x, x_slot = self._src(x_arg)
         simple = len(node.args) + len(node.kwargs) == 1

@@ -68,13 +68,18 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
         x.copy_(x0)
         torch.sub(b, matvec(x), out=r)
     rr = vo.dot(r, r)
-    mon = Monitor(rr.sqrt() / bnorm, max(tol, atol / bnorm), check_every)
+    threshold = max(tol, atol / bnorm, torch.finfo(rr.dtype).eps)  # as Monitor's
+    tiny = torch.finfo(rr.dtype).tiny
+    if not b.is_cuda and check_every == 1:
+        rr_host = float(rr)
+        if math.sqrt(rr_host) / bnorm <= threshold:
+            return trivial_result(x, "cg", "converged", math.sqrt(rr_host) / bnorm)
+        p.copy_(r)
+        return _cg_host(matvec, x, r, p, rr_host, bnorm, threshold, maxiter, tiny)
+    mon = Monitor(rr.sqrt() / bnorm, threshold, check_every)
     if mon.residual <= mon.threshold:
         return trivial_result(x, "cg", "converged", mon.residual)
     p.copy_(r)
-    tiny = torch.finfo(rr.dtype).tiny
-    if not b.is_cuda and check_every == 1:
-        return _cg_host(matvec, x, r, p, float(rr), bnorm, mon.threshold, maxiter, tiny)
     for _ in range(maxiter):
         Ap = matvec(p)
         pAp = vo.dot(p, Ap)
