@@ -154,6 +154,25 @@ def test_rejected_step_leaves_parameters_bit_identical():
 
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_batchnorm_running_statistics_are_updated_once_per_step(fraction):
+    # The build and the trial forward run the model again on the batch; the running statistics
+    # must still be those of the closure's forward alone, as with any other optimizer.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = batch(32, dtype=torch.float32)
+    opt = NGD(model, curvature_fraction=fraction)
+    reasons = set()
+    for _ in range(4):
+        ref = copy.deepcopy(model)
+        ref(x)  # one train-mode forward at the parameters the closure sees
+        opt.step(make_closure(opt, model, x, y))
+        reasons.add(opt.last_stats.reason)
+        for name, buf in ref[1].named_buffers():
+            assert torch.equal(model[1].get_buffer(name), buf), name
+    assert int(model[1].num_batches_tracked) == 4 and "accepted" in reasons
+
+
 def test_huge_finite_parameters_are_not_mistaken_for_an_overflow():
     # float32 weights of 1.5e38 that the inputs never reach (their column of x is 0): a float32
     # sum over them overflows, yet every value is finite, so the step must not be skipped.

@@ -205,7 +205,8 @@ class NGD(torch.optim.Optimizer):
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
     A step that raises the loss (or makes it non-finite) is undone: the parameters are restored
     bit for bit and the damping raised. The parameters' ``.grad`` after :meth:`step` is the
-    gradient of the first closure call.
+    gradient of the first closure call, and the running statistics of train-mode BatchNorm
+    layers are those its forward left (the build and the trial forward do not advance them).
 
     **Memory.** On the CPU the step's flat vectors (the gradient, CG's x, r and p, and the
     restore point) stay allocated between steps, five vectors the size of the parameters, because
@@ -336,6 +337,7 @@ class NGD(torch.optim.Optimizer):
         self.rejected_total = 0
         self.last_stats: NGDStats | None = None
         self.history: list[dict[str, Any]] = []
+        self._running_stats: tuple[list[Tensor], list[Tensor]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus NGD's checks: parameters of ``model``, ``lr`` > 0
@@ -575,10 +577,29 @@ class NGD(torch.optim.Optimizer):
                 else:
                     self.state[p]["warm_start"] = w
             raise
+        finally:
+            self._restore_running_stats()
+
+    def _keep_running_stats(self) -> None:
+        """Remember the running statistics of the model's train-mode BatchNorm-like modules as
+        the closure's forward left them: the build and the trial forward run the model again on
+        the same batch, and each would update them once more."""
+        bufs = [b for m in self.model.modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                and m.track_running_stats
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self._running_stats = (bufs, [b.clone() for b in bufs]) if bufs else None
+
+    def _restore_running_stats(self) -> None:
+        kept, self._running_stats = self._running_stats, None
+        if kept is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(*kept)
 
     def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
         loss, args, kwargs, record = self._run_closure(closure)
+        self._keep_running_stats()  # restored by step() when this step is over
         loss_value = self._loss_value(loss)
         params = self._trainable
         if all(p.grad is None for p in params):
