@@ -173,6 +173,35 @@ def test_batchnorm_running_statistics_are_updated_once_per_step(fraction):
     assert int(model[1].num_batches_tracked) == 4 and "accepted" in reasons
 
 
+def test_trial_replays_the_closures_random_draws():
+    # A closure that draws its own batch through a model with dropout: the trial loss must be
+    # the loss of the same batch under the same masks at the new parameters, and the global
+    # generator must end where one call of the closure leaves it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    data_x, data_y = batch(64)
+    opt = NGD(model, reject_steps=False)  # keep the step, so the new parameters can be checked
+
+    def closure():
+        opt.zero_grad()
+        idx = torch.randint(0, 64, (16,))
+        loss = F.cross_entropy(model(data_x[idx]), data_y[idx])
+        loss.backward()
+        return loss
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        opt.step(closure)
+        after_step = torch.rand(4)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            idx = torch.randint(0, 64, (16,))
+            expected = F.cross_entropy(model(data_x[idx]), data_y[idx]).item()
+        assert torch.equal(torch.rand(4), after_step)  # one closure call's worth of draws
+        assert opt.last_stats.accepted
+        assert opt.last_stats.trial_loss == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def test_huge_finite_parameters_are_not_mistaken_for_an_overflow():
     # float32 weights of 1.5e38 that the inputs never reach (their column of x is 0): a float32
     # sum over them overflows, yet every value is finite, so the step must not be skipped.

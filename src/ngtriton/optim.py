@@ -199,9 +199,12 @@ class NGD(torch.optim.Optimizer):
     (default), the loss is re-evaluated at the trial point by calling the closure once more in
     *evaluation mode*: the model's parameters temporarily do not require grad and every output of
     ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
-    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The
-    reduction ratio ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay;
-    one extra Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
+    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The CPU
+    (and the model's GPU) random generators are replayed for it, so the trial sees the same
+    dropout masks, and the same batch if the closure draws one; afterwards they stand where the
+    first call left them. The reduction ratio
+    ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay; one extra
+    Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
     A step that raises the loss (or makes it non-finite) is undone: the parameters are restored
     bit for bit and the damping raised. The parameters' ``.grad`` after :meth:`step` is the
@@ -375,9 +378,21 @@ class NGD(torch.optim.Optimizer):
                                  f"inputs must be {ref.dtype}")
 
     # --- the closure's forward ---
+    def _rng_states(self) -> list[Tensor]:
+        """The generators a closure draws from: the CPU one, and the model's GPU's."""
+        device = self._trainable[0].device
+        cpu = torch.get_rng_state()
+        return [cpu, torch.cuda.get_rng_state(device)] if device.type == "cuda" else [cpu]
+
+    def _set_rng_states(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if len(states) > 1:
+            torch.cuda.set_rng_state(states[1], self._trainable[0].device)
+
     def _run_closure(self, closure: Callable[[], Any]
-                     ) -> tuple[Any, tuple, dict, ForwardRecord | None]:
+                     ) -> tuple[Any, tuple, dict, ForwardRecord | None, list[Tensor]]:
         captured: dict[str, Any] = {}
+        rng = self._rng_states()  # the trial replays them: same batch draw, same dropout masks
         # The closure's own forward, recorded for the engine's build (only where it is built on
         # exactly those inputs: the whole batch, not the autograd fallback).
         record = (ForwardRecord(self.model) if self.curvature_fraction >= 1.0
@@ -397,7 +412,7 @@ class NGD(torch.optim.Optimizer):
         if "args" not in captured:
             raise ValueError("closure: it never called the model passed to NGD, so there are no "
                              "inputs to build the Fisher at")
-        return loss, captured["args"], captured["kwargs"], record
+        return loss, captured["args"], captured["kwargs"], record, rng
 
     @staticmethod
     def _loss_value(loss: Any) -> float:
@@ -413,7 +428,7 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any]) -> float | None:
+    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float | None:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
         The parameters stop requiring grad for the call (grad mode itself stays on, so a model
@@ -421,8 +436,13 @@ class NGD(torch.optim.Optimizer):
         output of the model reaches the closure as a fresh leaf, so the closure's ``backward()``
         only runs through the loss head. None when the closure cannot run in evaluation mode
         (its backward reaches nothing).
+
+        The random generators start from ``rng``, their states before the first call, so the
+        trial sees the same dropout masks and the same batch (if the closure draws one); they
+        end where the first call left them, as if the closure had run once.
         """
         saved_grads = [p.grad for p in self._trainable]
+        after_first = self._rng_states()
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
         def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -434,6 +454,7 @@ class NGD(torch.optim.Optimizer):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
+            self._set_rng_states(rng)
             with torch.enable_grad():
                 value: float | None = self._loss_value(closure())
         except (ValueError, TypeError):
@@ -443,6 +464,7 @@ class NGD(torch.optim.Optimizer):
                 raise
             value = None
         finally:
+            self._set_rng_states(after_first)
             handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -598,7 +620,7 @@ class NGD(torch.optim.Optimizer):
 
     def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
-        loss, args, kwargs, record = self._run_closure(closure)
+        loss, args, kwargs, record, rng = self._run_closure(closure)
         self._keep_running_stats()  # restored by step() when this step is over
         loss_value = self._loss_value(loss)
         params = self._trainable
@@ -779,7 +801,7 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         try:
-            trial = self._evaluate(closure)
+            trial = self._evaluate(closure, rng)
         except BaseException:
             restore()
             raise
