@@ -106,51 +106,69 @@ class NonFiniteError(FloatingPointError):
         self.reason, self.what, self.step = reason, what, step
 
 
+class _ProductWatch:
+    """Whether a guarded product returned a non-finite vector (on a GPU without a host sync).
+
+    ``last_only``: check only the newest product, when :meth:`any_bad` is asked. Right for CG's
+    host loop, which stops at the first non-finite product (its pᵀAp is then non-finite: NaN·x,
+    Inf·0 and Inf − Inf are all NaN), so a bad product is always the last one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.host = device.type == "cpu"  # reading a CPU scalar costs no synchronisation
+        self.bad_host = False
+        self.bad = None if self.host else torch.zeros((), dtype=torch.bool, device=device)
+        self.last_only = False
+        self.last: Tensor | None = None
+
+    def see(self, out: Tensor) -> None:
+        # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks), so
+        # a non-finite output is the product's own doing: one summing pass.
+        if self.last_only:
+            self.last = out
+        elif self.host:
+            self.bad_host = self.bad_host or not bool(all_finite(out))
+        else:
+            self.bad = self.bad | ~all_finite(out)
+
+    def any_bad(self) -> bool:
+        if self.last is not None:
+            self.bad_host = self.bad_host or not bool(all_finite(self.last))
+            self.last = None
+        return self.bad_host or (self.bad is not None and bool(self.bad))
+
+
+def _guarded(product: Callable[..., Tensor], watch: _ProductWatch) -> Callable[..., Tensor]:
+    def guarded(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = product(v, *args, **kwargs)
+        watch.see(out)
+        return out
+    return guarded
+
+
 class _GuardedOperator:
-    """A :class:`FisherOperator` whose products record (on the device, without a host sync)
-    whether any of them returned a non-finite vector."""
+    """A :class:`FisherOperator` whose products report to a :class:`_ProductWatch`.
+
+    The guarded products are bound once (CG calls one per iteration) and refer to the watch,
+    not to this object, so no reference cycle keeps the operator's cached forward alive.
+    """
 
     PRODUCTS = frozenset({"fisher_matvec", "damped_matvec", "factor_matvec", "factor_rmatvec",
                           "factor_matmat", "factor_rmatmat"})
 
     def __init__(self, op: FisherOperator) -> None:
         self._op = op
-        self._host = op.device.type == "cpu"  # reading a CPU scalar costs no synchronisation
-        self._bad_host = False
-        self._bad = None if self._host else torch.zeros((), dtype=torch.bool, device=op.device)
-        # last_only: check only the newest product, when any_bad() is asked. Right for CG's
-        # host loop, which stops at the first non-finite product (its pᵀAp is then non-finite:
-        # NaN·x, Inf·0 and Inf − Inf are all NaN), so a bad product is always the last one.
-        self.last_only = False
-        self._last: Tensor | None = None
-        for name in self.PRODUCTS:  # bound once: CG calls one of them per iteration
+        self.watch = _ProductWatch(op.device)
+        for name in self.PRODUCTS:
             product = getattr(op, name, None)
             if product is not None:
-                setattr(self, name, self._guarded(product))
+                setattr(self, name, _guarded(product, self.watch))
 
     def __getattr__(self, name: str) -> Any:  # everything but the products: the operator's
         return getattr(self._op, name)
 
-    def _guarded(self, product: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def guarded(v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            out = product(v, *args, **kwargs)
-            # Every vector the solvers and NGD pass in is finite (the solvers mask, NGD checks),
-            # so a non-finite output is the product's own doing: one summing pass, and no host
-            # sync on a GPU.
-            if self.last_only:
-                self._last = out
-            elif self._host:
-                self._bad_host = self._bad_host or not bool(all_finite(out))
-            else:
-                self._bad = self._bad | ~all_finite(out)
-            return out
-        return guarded
-
     def any_bad(self) -> bool:
-        if self._last is not None:
-            self._bad_host = self._bad_host or not bool(all_finite(self._last))
-            self._last = None
-        return self._bad_host or (self._bad is not None and bool(self._bad))
+        return self.watch.any_bad()
 
 
 class _BoundKwargs(nn.Module):
@@ -201,8 +219,9 @@ class NGD(torch.optim.Optimizer):
     ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
     ``backward()`` only reaches the loss head) at the cost of about one forward pass. The CPU
     (and the model's GPU) random generators are replayed for it, so the trial sees the same
-    dropout masks, and the same batch if the closure draws one; afterwards they stand where the
-    first call left them. The reduction ratio
+    dropout masks, and the same batch if the closure draws it with torch's generator (not one of
+    its own, ``random``/NumPy or a DataLoader); after the step they stand where the first call
+    left them. The reduction ratio
     ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay; one extra
     Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
@@ -340,7 +359,10 @@ class NGD(torch.optim.Optimizer):
         self.rejected_total = 0
         self.last_stats: NGDStats | None = None
         self.history: list[dict[str, Any]] = []
-        self._running_stats: tuple[list[Tensor], list[Tensor]] | None = None
+        # What the closure's first call left during a step: the running statistics of the
+        # model's BatchNorm layers and the random generators (see _keep_after_closure).
+        self._after_closure: tuple[tuple[list[Tensor], list[Tensor]] | None,
+                                   list[Tensor]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus NGD's checks: parameters of ``model``, ``lr`` > 0
@@ -391,8 +413,10 @@ class NGD(torch.optim.Optimizer):
 
     def _run_closure(self, closure: Callable[[], Any]
                      ) -> tuple[Any, tuple, dict, ForwardRecord | None, list[Tensor]]:
+        """Run the closure with the model's inputs captured and its forward recorded; also
+        returns the random generators' states from before the call, which the trial replays."""
         captured: dict[str, Any] = {}
-        rng = self._rng_states()  # the trial replays them: same batch draw, same dropout masks
+        rng = self._rng_states()
         # The closure's own forward, recorded for the engine's build (only where it is built on
         # exactly those inputs: the whole batch, not the autograd fallback).
         record = (ForwardRecord(self.model) if self.curvature_fraction >= 1.0
@@ -428,7 +452,8 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float | None:
+    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor],
+                  rng_after: list[Tensor]) -> float | None:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
         The parameters stop requiring grad for the call (grad mode itself stays on, so a model
@@ -438,11 +463,10 @@ class NGD(torch.optim.Optimizer):
         (its backward reaches nothing).
 
         The random generators start from ``rng``, their states before the first call, so the
-        trial sees the same dropout masks and the same batch (if the closure draws one); they
-        end where the first call left them, as if the closure had run once.
+        trial sees the same dropout masks (and the same batch, if the closure draws it from
+        torch's generator); they end at ``rng_after``, where the first call left them.
         """
         saved_grads = [p.grad for p in self._trainable]
-        after_first = self._rng_states()
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
         def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -464,7 +488,7 @@ class NGD(torch.optim.Optimizer):
                 raise
             value = None
         finally:
-            self._set_rng_states(after_first)
+            self._set_rng_states(rng_after)
             handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -600,28 +624,36 @@ class NGD(torch.optim.Optimizer):
                     self.state[p]["warm_start"] = w
             raise
         finally:
-            self._restore_running_stats()
+            self._restore_after_closure()
 
-    def _keep_running_stats(self) -> None:
-        """Remember the running statistics of the model's train-mode BatchNorm-like modules as
-        the closure's forward left them: the build and the trial forward run the model again on
-        the same batch, and each would update them once more."""
+    def _keep_after_closure(self) -> list[Tensor]:
+        """Remember what the closure's first call left, for :meth:`step` to put back when the
+        step is over: the running statistics of the model's train-mode BatchNorm-like modules
+        and the random generators. The build and the trial forward run the model again on the
+        same batch, and would otherwise advance both once or twice more. Returns the
+        generators' states."""
         bufs = [b for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
                 and m.track_running_stats
                 for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self._running_stats = (bufs, [b.clone() for b in bufs]) if bufs else None
+        rng = self._rng_states()
+        self._after_closure = ((bufs, [b.clone() for b in bufs]) if bufs else None, rng)
+        return rng
 
-    def _restore_running_stats(self) -> None:
-        kept, self._running_stats = self._running_stats, None
-        if kept is not None:
+    def _restore_after_closure(self) -> None:
+        kept, self._after_closure = self._after_closure, None
+        if kept is None:
+            return
+        stats, rng = kept
+        if stats is not None:
             with torch.no_grad():
-                torch._foreach_copy_(*kept)
+                torch._foreach_copy_(*stats)
+        self._set_rng_states(rng)
 
     def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
         loss, args, kwargs, record, rng = self._run_closure(closure)
-        self._keep_running_stats()  # restored by step() when this step is over
+        rng_after = self._keep_after_closure()  # put back by step() when this step is over
         loss_value = self._loss_value(loss)
         params = self._trainable
         if all(p.grad is None for p in params):
@@ -684,7 +716,7 @@ class NGD(torch.optim.Optimizer):
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
         method = self._resolve_method(op, x0)
-        op.last_only = method == "cg" and op.device.type == "cpu"  # CG's host loop: see there
+        op.watch.last_only = method == "cg" and op.device.type == "cpu"  # CG's host loop
         try:
             with torch.no_grad():
                 result = solve(op, g, method=method, tol=self.tol, maxiter=self.maxiter, x0=x0,
@@ -801,7 +833,7 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         try:
-            trial = self._evaluate(closure, rng)
+            trial = self._evaluate(closure, rng, rng_after)
         except BaseException:
             restore()
             raise
