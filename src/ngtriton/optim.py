@@ -452,8 +452,7 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor],
-                  rng_after: list[Tensor]) -> float | None:
+    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float | None:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
         The parameters stop requiring grad for the call (grad mode itself stays on, so a model
@@ -464,7 +463,7 @@ class NGD(torch.optim.Optimizer):
 
         The random generators start from ``rng``, their states before the first call, so the
         trial sees the same dropout masks (and the same batch, if the closure draws it from
-        torch's generator); they end at ``rng_after``, where the first call left them.
+        torch's generator); :meth:`step` puts them back where the first call left them.
         """
         saved_grads = [p.grad for p in self._trainable]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -488,7 +487,6 @@ class NGD(torch.optim.Optimizer):
                 raise
             value = None
         finally:
-            self._set_rng_states(rng_after)
             handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -626,19 +624,17 @@ class NGD(torch.optim.Optimizer):
         finally:
             self._restore_after_closure()
 
-    def _keep_after_closure(self) -> list[Tensor]:
+    def _keep_after_closure(self) -> None:
         """Remember what the closure's first call left, for :meth:`step` to put back when the
         step is over: the running statistics of the model's train-mode BatchNorm-like modules
         and the random generators. The build and the trial forward run the model again on the
-        same batch, and would otherwise advance both once or twice more. Returns the
-        generators' states."""
+        same batch, and would otherwise advance both once or twice more."""
         bufs = [b for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
                 and m.track_running_stats
                 for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        rng = self._rng_states()
-        self._after_closure = ((bufs, [b.clone() for b in bufs]) if bufs else None, rng)
-        return rng
+        self._after_closure = ((bufs, [b.clone() for b in bufs]) if bufs else None,
+                               self._rng_states())
 
     def _restore_after_closure(self) -> None:
         kept, self._after_closure = self._after_closure, None
@@ -653,7 +649,7 @@ class NGD(torch.optim.Optimizer):
     def _step(self, closure: Callable[[], Any], targets: Tensor | None) -> Any:
         t0 = time.perf_counter()
         loss, args, kwargs, record, rng = self._run_closure(closure)
-        rng_after = self._keep_after_closure()  # put back by step() when this step is over
+        self._keep_after_closure()  # put back by step() when this step is over
         loss_value = self._loss_value(loss)
         params = self._trainable
         if all(p.grad is None for p in params):
@@ -833,7 +829,7 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         try:
-            trial = self._evaluate(closure, rng, rng_after)
+            trial = self._evaluate(closure, rng)
         except BaseException:
             restore()
             raise
