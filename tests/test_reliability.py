@@ -4,8 +4,10 @@ test_faults.py)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -223,6 +225,31 @@ def test_resume_after_a_skipped_step(mode):
         opt2.step(make_closure(opt2, resumed, x, y))
     assert bit_identical(snapshot(model), snapshot(resumed))
     assert untimed(opt.history) == untimed(opt2.history) and opt.damping == opt2.damping
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_carries_on_like_the_original(how):
+    """copy.deepcopy / pickle of an NGD gives a working optimizer over the copied model, whose
+    trajectory from there is the original's, bit for bit (warm start and MC labels included)."""
+    batches = [data(12, 4, 3, seed=s) for s in range(5)]
+    model = mlp([4, 6, 3], seed=3)
+    opt = NGD(model, **OPTIONS)
+    opt.register_step_post_hook(lambda *_: None)  # hooks are not carried (as torch's)
+    for x, y in batches[:2]:
+        opt.step(make_closure(opt, model, x, y))
+    copy_ = (copy.deepcopy(opt) if how == "deepcopy"
+             else pickle.loads(pickle.dumps(opt)))
+    twin = copy_.model
+    assert twin is not model
+    assert all(a is b for a, b in zip(copy_.param_groups[0]["params"], twin.parameters()))
+    assert copy_.damping == opt.damping and copy_.steps == opt.steps == 2
+    assert not copy_._optimizer_step_post_hooks
+    for x, y in batches[2:]:
+        opt.step(make_closure(opt, model, x, y))
+        copy_.step(make_closure(copy_, twin, x, y))
+    assert bit_identical(snapshot(model), snapshot(twin))
+    assert untimed(opt.history) == untimed(copy_.history) and opt.damping == copy_.damping
+    assert copy_.state_dict()["ngd"]["steps"] == 5
 
 
 def test_resume_after_a_rejected_step():

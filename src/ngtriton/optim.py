@@ -886,6 +886,23 @@ class NGD(torch.optim.Optimizer):
         self.history = [dict(h) for h in ngd["history"]]
         self.last_stats = NGDStats(**self.history[-1]) if self.history else None
 
+    # --- copies ---
+    def __getstate__(self) -> dict[str, Any]:
+        """The whole optimizer, for ``copy.deepcopy`` and pickle (torch's own keeps only the
+        defaults, state and groups, which would leave an NGD without its model or damping).
+        As with torch's optimizers, hooks are not carried. The tables keyed by
+        ``id(parameter)`` are rebuilt on the other side; the workspace's buffers are scratch."""
+        state = {key: value for key, value in self.__dict__.items()
+                 if not key.endswith("_hooks") and key not in ("_names", "_model_param_ids")}
+        state["workspace"] = Workspace()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "model" in state:
+            self._names = {id(p): name for name, p in self.model.named_parameters()}
+            self._model_param_ids = {id(p) for p in self.model.parameters() if p.requires_grad}
+
     def __repr__(self) -> str:
         return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "
                 f"likelihood={self.likelihood.name!r}, fisher={self.fisher!r}, "
