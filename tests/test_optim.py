@@ -559,3 +559,197 @@ def test_digits_stability_20_epochs():
     for i in range(reached + 1, len(ngd.losses)):
         assert ngd.losses[i] <= 2 * min(ngd.losses[:i])
     assert ngd.accuracies[-1] >= 0.93
+
+
+# --- what users do around the step --------------------------------------------------------
+
+def _closure_zeroing(zeroer, opt, model, x, y):
+    def closure():
+        zeroer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_zero_grad_also_clears_parameters_in_no_group():
+    """Parameters left out of ``params=`` stay fixed but their .grad is part of g: the closure's
+    opt.zero_grad() must clear it, or it accumulates across steps and skews every later step."""
+    batches = [batch(10, seed=s) for s in range(4)]
+    runs = []
+    for zero in ("opt", "model"):
+        model = tiny_mlp()
+        opt = NGD(model, params=model[2].parameters())
+        for x, y in batches:
+            opt.step(_closure_zeroing(opt if zero == "opt" else model, opt, model, x, y))
+        runs.append((params_of(model), [h["grad_norm"] for h in opt.history]))
+    assert_identical(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    model = tiny_mlp()
+    opt = NGD(model, params=model[2].parameters())
+    opt.step(make_closure(opt, model, *batches[0]))
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_freezing_and_unfreezing_layers_between_steps():
+    """requires_grad changes after NGD was built: a frozen layer leaves F and stays put; an
+    unfrozen one joins F, and moves once its parameters are in a group."""
+    batches = [batch(10, seed=s) for s in range(6)]
+    model = tiny_mlp()
+    model[0].requires_grad_(False)  # frozen from the start: in no group
+    opt = NGD(model, damping=0.1, adaptive_damping=False, reject_steps=False, tol=1e-12,
+              maxiter=200, method="cg")
+    opt.step(make_closure(opt, model, *batches[0]))
+    first = params_of(model[0])
+    model[0].requires_grad_(True)  # joins F, but is in no group: fixed
+    x, y = batches[1]
+    Fd, g = dense_fisher(model, x, y, "categorical")
+    n = torch.linalg.solve(Fd + 0.1 * torch.eye(len(g), dtype=Fd.dtype), g)
+    theta = torch.cat([p.detach().reshape(-1) for p in model[2].parameters()])
+    opt.step(make_closure(opt, model, x, y))
+    assert_identical(first, params_of(model[0]))
+    got = torch.cat([p.detach().reshape(-1) for p in model[2].parameters()])
+    torch.testing.assert_close(got, theta - n[-theta.numel():], rtol=1e-8, atol=1e-10)
+    opt.add_param_group({"params": model[0].parameters()})  # progressive unfreezing
+    opt.step(make_closure(opt, model, *batches[2]))
+    assert not torch.equal(first[0], model[0].weight)
+    model[2].requires_grad_(False)  # freeze the head: it stays put, the rest still trains
+    head = params_of(model[2])
+    for xb, yb in batches[3:]:
+        opt.step(make_closure(opt, model, xb, yb))
+    assert_identical(head, params_of(model[2]))
+    assert all(h["accepted"] for h in opt.history)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: has no trainable parameters"):
+        opt.step(make_closure(opt, model, *batches[0]))
+
+
+def _closure_differentiating(kind, opt, model, x, y):
+    params = list(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if kind == "plain":
+            loss.backward()
+        elif kind == "autograd.grad":
+            for p, gr in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = gr
+        else:
+            loss.backward(inputs=params)
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("style", ["autograd.grad", "backward(inputs=)"])
+def test_closures_that_differentiate_the_parameters_themselves(style):
+    """A closure that sets .grad by autograd.grad(loss, params) (or backward(inputs=params))
+    cannot run in the trial's evaluation mode: its trial runs as it is, and the trajectory is
+    the one of an ordinary closure, bit for bit."""
+    batches = [batch(10, seed=s) for s in range(4)]
+    runs = []
+    for kind in ("plain", style):
+        model = tiny_mlp()
+        opt = NGD(model)
+        for x, y in batches:
+            opt.step(_closure_differentiating(kind, opt, model, x, y))
+        runs.append((params_of(model), [h["trial_loss"] for h in opt.history],
+                     [h["reason"] for h in opt.history]))
+    assert runs[1][2] == runs[0][2] and "accepted" in runs[0][2]
+    assert runs[1][1] == runs[0][1]
+    assert_identical(runs[0][0], runs[1][0])
+
+
+def test_grad_after_step_survives_a_closure_that_zeroes_in_place():
+    model, (x, y) = tiny_mlp(), batch()
+    opt = NGD(model)
+    expected = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert opt.last_stats.accepted
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+
+
+def test_dual_method_runs_on_batches_beyond_the_direct_size():
+    """method='dual' in NGD is the exact sample-space solve at any size (its gradient comes from
+    the closure, so there is no factor b for the Krylov variant)."""
+    model, (x, y) = tiny_mlp(), batch(200)  # R = 200 × 3 rows > 512
+    lam = 0.05
+    Fd, g = dense_fisher(model, x, y, "categorical")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
+    opt = NGD(model, damping=lam, method="dual", adaptive_damping=False, reject_steps=False)
+    opt.step(make_closure(opt, model, x, y))
+    assert opt.last_stats.method == "dual-direct"
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "lsmr", "dual"])
+def test_a_gradient_whose_norm_overflows_is_skipped_by_every_method(method):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(16, 4) * 1e18
+    with torch.no_grad():
+        y = model(x) * (1 + 1e-3)
+    before = params_of(model)
+    opt = NGD(model, likelihood="gaussian", method=method)
+    opt.step(make_closure(opt, model, x, y, lambda z, t: 0.5 * (z - t).pow(2).sum(-1).mean()))
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert opt.last_stats.reason == "nonfinite_grad" and opt.skipped_total == 1
+    assert_identical(before, params_of(model))
+
+
+def test_negative_weight_decay_set_in_param_groups_is_refused():
+    model, (x, y) = tiny_mlp(), batch()
+    opt = NGD(model)
+    opt.param_groups[0]["weight_decay"] = -1e-3
+    with pytest.raises(ValueError, match=r"weight_decay: param_groups\[0\]\['weight_decay'\]"):
+        opt.step(make_closure(opt, model, x, y))
+    assert opt.steps == 0
+
+
+def _saved(**kwargs):
+    model, (x, y) = tiny_mlp(), batch()
+    opt = NGD(model, **kwargs)
+    for _ in range(2):
+        opt.step(make_closure(opt, model, x, y))
+    return model, opt, opt.state_dict()
+
+
+@pytest.mark.parametrize(("spoil", "words"), [
+    (lambda sd: sd["ngd"].pop("generator"), "lacks ['generator']"),
+    (lambda sd: sd["ngd"].update(damping=float("nan")), "damping must be finite"),
+    (lambda sd: sd["ngd"].update(damping=-1.0), "damping must be finite"),
+    (lambda sd: sd["ngd"].update(steps="many"), "malformed"),
+    (lambda sd: sd["ngd"].update(history=[{"step": 1}]), "malformed"),
+    (lambda sd: sd["state"][0].update(warm_start=torch.zeros(5)), "warm-start vector"),
+])
+def test_a_malformed_state_dict_is_refused_and_changes_nothing(spoil, words):
+    _, _, sd = _saved(warm_start=True)
+    spoil(sd)
+    model = tiny_mlp(seed=3)
+    opt = NGD(model, lr=0.5, damping=0.7)
+    fresh = opt.state_dict()
+    with pytest.raises(ValueError, match="state_dict: ") as info:
+        opt.load_state_dict(sd)
+    assert words in str(info.value)
+    assert opt.damping == 0.7 and opt.steps == 0 and opt.param_groups[0]["lr"] == 0.5
+    assert opt.state_dict()["state"] == fresh["state"] == {}
+
+
+def test_loaded_damping_is_kept_within_the_new_bounds_and_last_stats_survive():
+    _, old, sd = _saved(keep_history=False)
+    assert old.history == [] and old.last_stats is not None
+    model = tiny_mlp()
+    opt = NGD(model, damping=1.0, damping_floor=0.5, keep_history=False)
+    opt.load_state_dict(sd)
+    assert old.damping < 0.5 and opt.damping == 0.5
+    assert opt.last_stats == old.last_stats

@@ -23,7 +23,13 @@ from ngtriton.demo import make_mlp
 from ngtriton.fisher import FISHER_TYPES
 from ngtriton.likelihoods import LIKELIHOODS
 from ngtriton.linearize import BACKENDS
-from ngtriton.optim import NGD, NONFINITE_MODES, NonFiniteError
+from ngtriton.optim import (
+    NGD,
+    NGD_METHODS,
+    NONFINITE_MODES,
+    WARM_START_METHODS,
+    NonFiniteError,
+)
 from ngtriton.solvers import METHODS
 
 SOLVE_METHODS = ["auto", "cg", "minres", "lsmr", "dual"]
@@ -299,7 +305,11 @@ def tiny():
     ({"likelihood": "poisson"}, ValueError, ["likelihood:", "'poisson'", *LIKELIHOODS]),
     ({"likelihood": 3}, ValueError, ["likelihood:", *LIKELIHOODS]),
     ({"fisher": "kfac"}, ValueError, ["fisher:", "'kfac'", *FISHER_TYPES]),
-    ({"method": "gmres"}, ValueError, ["method:", "'gmres'", *METHODS]),
+    ({"method": "gmres"}, ValueError, ["method:", "'gmres'", *NGD_METHODS]),
+    ({"method": "dual-krylov"}, ValueError, ["method:", "gradient factor b", "'dual'"]),
+    ({"method": "lsmr", "warm_start": True}, ValueError,
+     ["warm_start:", "'lsmr'", *WARM_START_METHODS]),
+    ({"method": "dual", "warm_start": True}, ValueError, ["warm_start:", "'dual'"]),
     ({"backend": "jax"}, ValueError, ["backend:", "'jax'", *BACKENDS]),
     ({"nonfinite": "ignore"}, ValueError, ["nonfinite:", "'ignore'", *NONFINITE_MODES]),
 ])

@@ -34,6 +34,10 @@ DEFAULT_DAMPING_FLOOR = 1e-4
 DEFAULT_DAMPING_CEILING = 1e4
 DEFAULT_TOL = 1e-3
 DEFAULT_MAXITER = 20
+# Methods NGD can run: its right-hand side is the closure's gradient, so there is no factor b
+# with Aᵀb = g and the dual Krylov solve (which needs one) is out; "dual" is the exact one.
+NGD_METHODS = tuple(m for m in METHODS if m != "dual-krylov")
+WARM_START_METHODS = ("auto", "cg", "minres")
 
 
 @dataclass
@@ -211,13 +215,19 @@ class NGD(torch.optim.Optimizer):
     **The step.** ``(F + λI) n = g`` is solved by :func:`ngtriton.solve` (``method``, ``tol``,
     ``maxiter``), then each parameter group moves by ``−lr·n`` (``lr`` read from the group every
     step, so LR schedulers work). Parameters of ``model`` that are in no group stay fixed (they are
-    still part of ``F``; set ``requires_grad=False`` to leave them out of it).
+    still part of ``F``, and :meth:`zero_grad` clears their ``.grad`` too); set
+    ``requires_grad=False`` to leave them out of it. ``requires_grad`` is read at every step, so
+    freezing a layer, or unfreezing one (then ``add_param_group`` to move it), works between
+    steps.
 
     **Damping, ρ and rejection.** With ``adaptive_damping`` (default) or ``reject_steps``
     (default), the loss is re-evaluated at the trial point by calling the closure once more in
     *evaluation mode*: the model's parameters temporarily do not require grad and every output of
     ``model`` is handed to the loss as a fresh leaf, so the closure runs unchanged (its
-    ``backward()`` only reaches the loss head) at the cost of about one forward pass. The CPU
+    ``backward()`` only reaches the loss head) at the cost of about one forward pass. A closure
+    that differentiates with respect to the parameters themselves (``autograd.grad(loss,
+    params)``, ``backward(inputs=params)``) cannot run that way: its trials run the closure as
+    it is, backward included. The CPU
     (and the model's GPU) random generators are replayed for it, so the trial sees the same
     dropout masks, and the same batch if the closure draws it with torch's generator (not one of
     its own, ``random``/NumPy or a DataLoader); after the step they stand where the first call
@@ -250,7 +260,10 @@ class NGD(torch.optim.Optimizer):
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a ``Likelihood``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (the latter needs ``step(closure,
             targets=y)``).
-        method: solver (``"auto"``, ``"cg"``, ``"minres"``, ``"lsmr"``, ``"dual"``).
+        method: solver (``"auto"``, ``"cg"``, ``"minres"``, ``"lsmr"``, ``"dual"``: the exact
+            sample-space solve, an eigendecomposition of the R × R kernel, R = batch × output
+            factor columns, so for small batches; ``"dual-krylov"`` needs a factor of the
+            gradient that NGD does not have).
         params: optional parameters or param-group dicts (default: all trainable parameters).
         weight_decay: L2 coefficient added to the gradient (per group).
         adaptive_damping: adapt λ with the LM rule (else λ stays fixed).
@@ -258,7 +271,8 @@ class NGD(torch.optim.Optimizer):
         damping_increase, damping_decrease: the LM factors (3/2 and 2/3).
         tol, maxiter: the solver's relative tolerance and iteration cap.
         warm_start: start the solver from ``warm_start_decay`` × the previous solution (ignored
-            while λ = 0, where it would give up the minimum-norm solution).
+            while λ = 0, where it would give up the minimum-norm solution; methods ``"auto"``,
+            ``"cg"`` and ``"minres"`` only).
         curvature_fraction: fraction of the batch used for the Fisher products (a random subset,
             drawn from the optimizer's own generator).
         reject_steps: undo steps that raise the loss.
@@ -293,8 +307,12 @@ class NGD(torch.optim.Optimizer):
         self.likelihood = get_likelihood(likelihood)
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher: expected one of {list(FISHER_TYPES)}, got {fisher!r}")
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+        if method == "dual-krylov":
+            raise ValueError("method: 'dual-krylov' needs the gradient factor b (Aᵀb = g), and "
+                             "NGD's gradient comes from the closure; use 'dual' (the exact "
+                             "sample-space solve), 'cg', 'minres' or 'auto'")
+        if method not in NGD_METHODS:
+            raise ValueError(f"method: expected one of {list(NGD_METHODS)}, got {method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
         if not isinstance(nonfinite, str) or nonfinite not in NONFINITE_MODES:
@@ -320,6 +338,10 @@ class NGD(torch.optim.Optimizer):
             raise ValueError(f"maxiter: expected an integer ≥ 1 or None, got {maxiter!r}")
         warm_start_decay = _positive("warm_start_decay", warm_start_decay, allow_zero=True,
                                      upper=1.0)
+        if warm_start and method not in WARM_START_METHODS:
+            raise ValueError(f"warm_start: method {method!r} cannot start from a previous "
+                             f"solution; use one of {list(WARM_START_METHODS)} or "
+                             "warm_start=False")
         curvature_fraction = _positive("curvature_fraction", curvature_fraction, upper=1.0)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples: expected an integer ≥ 1, got {mc_samples!r}")
@@ -328,7 +350,8 @@ class NGD(torch.optim.Optimizer):
 
         defaults = {"lr": lr, "weight_decay": weight_decay}
         # add_param_group (called by torch's __init__) checks every group against these.
-        self._model_param_ids = {id(p) for p in trainable}
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        self._ungrouped: list[Tensor] = []
         super().__init__(trainable if params is None else params, defaults)
 
         self.model = model
@@ -345,10 +368,9 @@ class NGD(torch.optim.Optimizer):
         self.mc_samples = mc_samples
         self.keep_history = bool(keep_history)
         self.nonfinite = nonfinite
-        self._trainable = trainable
-        self._sizes = [p.numel() for p in trainable]
-        self._numel = sum(self._sizes)
+        self._set_trainable(trainable)
         self.workspace = Workspace()  # the step's flat vectors on the CPU (see _step)
+        self._full_trials = False  # set once a closure cannot run in evaluation mode
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -372,13 +394,52 @@ class NGD(torch.optim.Optimizer):
         try:
             for p in group["params"]:
                 if id(p) not in self._model_param_ids:
-                    raise ValueError("params: every parameter must be a trainable parameter of "
-                                     "model (the Fisher is taken over model.parameters())")
+                    raise ValueError("params: every parameter must be a parameter of model "
+                                     "(the Fisher is taken over model.parameters())")
             _positive("lr", group["lr"])
             _positive("weight_decay", group["weight_decay"], allow_zero=True)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        if hasattr(self, "_trainable"):  # torch's __init__ adds the first groups before it
+            self._set_trainable(self._trainable)
+
+    def _set_trainable(self, trainable: list[Tensor]) -> None:
+        """The parameters the Fisher is taken over (the model's with ``requires_grad``), their
+        sizes, and those of them in no group (fixed, but their gradient is part of g)."""
+        self._trainable = trainable
+        self._sizes = [p.numel() for p in trainable]
+        self._numel = sum(self._sizes)
+        grouped = {id(p) for group in self.param_groups for p in group["params"]}
+        self._ungrouped = [p for p in trainable if id(p) not in grouped]
+
+    def _refresh_trainable(self) -> None:
+        """Follow ``requires_grad`` changes since the last step: a layer frozen since leaves F
+        (and the step), one unfrozen joins F (and moves if it is in a group)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if len(trainable) == len(self._trainable) and all(
+                a is b for a, b in zip(trainable, self._trainable)):
+            return
+        if not trainable:
+            raise ValueError("model: has no trainable parameters (none with requires_grad=True)")
+        self._set_trainable(trainable)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, also over the model's trainable parameters in no group: they
+        stay fixed, but their ``.grad`` is part of the gradient the step solves with, so it
+        must not accumulate across steps either."""
+        super().zero_grad(set_to_none)
+        for p in self._ungrouped:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> None:
         """The model's inputs must live on its device and, when floating, share its dtype."""
@@ -452,20 +513,51 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float | None:
+    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
         The parameters stop requiring grad for the call (grad mode itself stays on, so a model
         whose forward differentiates, e.g. ``autograd.grad`` of an energy, still runs) and each
         output of the model reaches the closure as a fresh leaf, so the closure's ``backward()``
-        only runs through the loss head. None when the closure cannot run in evaluation mode
-        (its backward reaches nothing).
+        only runs through the loss head. A closure that cannot run that way (it differentiates
+        with respect to the parameters themselves, e.g. ``autograd.grad(loss, params)`` or
+        ``backward(inputs=params)``) is called once more as it is, with its full backward, and
+        so is every later trial of this optimizer.
 
         The random generators start from ``rng``, their states before the first call, so the
         trial sees the same dropout masks (and the same batch, if the closure draws it from
-        torch's generator); :meth:`step` puts them back where the first call left them.
+        torch's generator); :meth:`step` puts them back where the first call left them. The
+        ``.grad`` tensors of the first call are set aside meanwhile (a closure that zeroes them
+        in place must not wipe them) and put back afterwards.
         """
         saved_grads = [p.grad for p in self._trainable]
+        try:
+            for p in self._trainable:
+                p.grad = None
+            if not self._full_trials:
+                try:
+                    return self._call_for_loss(closure, rng, leaves=True)
+                except (ValueError, TypeError):
+                    raise
+                except RuntimeError:  # e.g. autograd.grad(loss, params): they need grad
+                    for p in self._trainable:
+                        p.grad = None
+                    value = self._call_for_loss(closure, rng, leaves=False)
+                    self._full_trials = True  # it runs as it is: do that from now on
+                    return value
+            return self._call_for_loss(closure, rng, leaves=False)
+        finally:
+            for p, grad in zip(self._trainable, saved_grads):
+                p.grad = grad
+
+    def _call_for_loss(self, closure: Callable[[], Any], rng: list[Tensor], *, leaves: bool
+                       ) -> float:
+        """One call of the closure from the generators' states ``rng``; with ``leaves``, in the
+        evaluation mode of :meth:`_evaluate`."""
+        self._set_rng_states(rng)
+        if not leaves:
+            with torch.enable_grad():
+                return self._loss_value(closure())
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
         def leaf_outputs(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -477,22 +569,12 @@ class NGD(torch.optim.Optimizer):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
-            self._set_rng_states(rng)
             with torch.enable_grad():
-                value: float | None = self._loss_value(closure())
-        except (ValueError, TypeError):
-            raise
-        except RuntimeError as err:  # e.g. a backward through a non-differentiable head
-            if "does not require grad" not in str(err):
-                raise
-            value = None
+                return self._loss_value(closure())
         finally:
             handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
-            for p, grad in zip(self._trainable, saved_grads):
-                p.grad = grad
-        return value
 
     # --- pieces of a step ---
     def _flat(self, name: str, tensors: list[Tensor], ws: Workspace | None) -> Tensor:
@@ -533,6 +615,8 @@ class NGD(torch.optim.Optimizer):
         ``nᵀ(F+λI)n = nᵀg`` so that ρ needs no extra product (and which, on the digits MLP,
         reached lower losses than MINRES in less time); the solver's own choice where CG does not
         apply (an inconsistent system: the Monte-Carlo Fisher at λ = 0)."""
+        if self.method == "dual":  # no factor b here (g is the closure's): the exact solve
+            return "dual-direct"
         if self.method != "auto" or x0 is not None:
             return self.method
         cap = 2 * (self.maxiter if self.maxiter is not None else op.num_params)
@@ -602,6 +686,7 @@ class NGD(torch.optim.Optimizer):
             raise ValueError("targets: fisher='empirical' needs step(closure, targets=labels)")
         if targets is not None and not isinstance(targets, Tensor):
             raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+        self._refresh_trainable()
         # Anything but a non-finite event (booked, then raised on purpose) rolls the state back.
         saved = (self.steps, self.damping, self.skipped_total, self.rejected_total,
                  len(self.history), self.last_stats, self._generator.get_state(),
@@ -657,11 +742,12 @@ class NGD(torch.optim.Optimizer):
                              "loss.backward() before returning the loss")
         lr = self._per_param("lr")
         for i, group in enumerate(self.param_groups):
-            value = group["lr"]
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"lr: param_groups[{i}]['lr'] must be a finite number ≥ 0 "
-                                 f"(set by a scheduler?), got {value!r}")
+            for key in ("lr", "weight_decay"):
+                value = group[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{key}: param_groups[{i}][{key!r}] must be a finite "
+                                     f"number ≥ 0 (set by a scheduler?), got {value!r}")
         self.steps += 1
         damping = self.damping
         stats: dict[str, Any] = {
@@ -688,16 +774,22 @@ class NGD(torch.optim.Optimizer):
                 for p, chunk in zip(params, g.split(self._sizes)):
                     if decay.get(id(p)):
                         chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
-            # A finite ‖g‖ means a finite g (NaN and Inf propagate): one pass for both; only a
-            # non-finite norm (or one that overflowed from finite values) needs the exact check.
+            # A finite ‖g‖ means a finite g (NaN and Inf propagate): one pass for both. A norm
+            # that overflowed from finite values is no use either: every solver's first
+            # products and norms would overflow too.
             grad_norm = float(norm(g))
-            finite = math.isfinite(grad_norm) or bool(all_finite(g))
         stats["grad_norm"] = grad_norm
-        if not finite:
+        if not math.isfinite(grad_norm):
             bad = [self._names.get(id(p), "?") for p in params
-                   if p.grad is not None and not bool(all_finite(p.grad))]
-            where = f"in the .grad of {', '.join(bad)}" if bad else "after weight decay"
-            self._skip("nonfinite_grad", "gradient", f"NaN or Inf {where}", stats, t0)
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if bad:
+                detail = f"NaN or Inf in the .grad of {', '.join(bad)}"
+            elif not bool(torch.isfinite(g).all()):
+                detail = "NaN or Inf after weight decay"
+            else:
+                detail = (f"‖g‖ overflows {g.dtype} (|g| up to {float(g.abs().max()):.3g}); "
+                          "the solvers cannot use it")
+            self._skip("nonfinite_grad", "gradient", detail, stats, t0)
             return loss
 
         c_args, c_kwargs, c_targets = self._curvature_inputs(args, kwargs, targets)
@@ -708,7 +800,8 @@ class NGD(torch.optim.Optimizer):
             generator=self._generator, record=record))
         del record
         x0 = None
-        if self.warm_start and damping > 0 and "warm_start" in self.state[params[0]]:
+        if self.warm_start and damping > 0 and all("warm_start" in self.state[p]
+                                                   for p in params):
             x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
         method = self._resolve_method(op, x0)
@@ -833,14 +926,13 @@ class NGD(torch.optim.Optimizer):
         except BaseException:
             restore()
             raise
-        if trial is not None and not math.isfinite(trial):
+        if not math.isfinite(trial):
             restore()
             stats.update(trial_loss=trial, step_norm=0.0)
             self._skip("nonfinite_trial_loss", "trial loss",
                        f"the loss at the trial point θ − lr·n is {trial}; the step was undone",
                        stats, t0)
             return loss
-        trial = math.nan if trial is None else trial
         with torch.no_grad():
             reg_change = (sum(0.5 * decay[id(p)] * (float(p.pow(2).sum()) - float(o.pow(2).sum()))
                               for p, o in zip(params, old()) if decay.get(id(p)))
@@ -863,28 +955,83 @@ class NGD(torch.optim.Optimizer):
 
     # --- state ---
     def state_dict(self) -> dict[str, Any]:
-        """The torch.optim state plus NGD's own: damping, counters, generator, history."""
+        """The torch.optim state plus NGD's own: damping, counters, generator, history and the
+        last step's statistics."""
         out = super().state_dict()
         out["ngd"] = {
             "damping": self.damping, "steps": self.steps, "skipped_total": self.skipped_total,
             "rejected_total": self.rejected_total, "generator": self._generator.get_state(),
             "history": [dict(h) for h in self.history],
+            "last_stats": None if self.last_stats is None else dict(vars(self.last_stats)),
         }
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved; checked first, so a malformed one raises a
+        ``ValueError`` naming ``state_dict`` and leaves this optimizer as it was. A damping
+        outside this optimizer's ``[damping_floor, damping_ceiling]`` is moved into it (when
+        adaptive)."""
         state_dict = dict(state_dict)
         ngd = state_dict.pop("ngd", None)
         if ngd is None:
             raise ValueError("state_dict: has no 'ngd' entry; it was not saved by NGD")
+        ngd = self._check_ngd_state(ngd)
+        before = super().state_dict()
         super().load_state_dict(state_dict)
-        self.damping = float(ngd["damping"])
-        self.steps = int(ngd["steps"])
-        self.skipped_total = int(ngd["skipped_total"])
-        self.rejected_total = int(ngd["rejected_total"])
-        self._generator.set_state(ngd["generator"].to("cpu", torch.uint8))
-        self.history = [dict(h) for h in ngd["history"]]
-        self.last_stats = NGDStats(**self.history[-1]) if self.history else None
+        try:
+            for p in self._trainable:
+                warm = self.state.get(p, {}).get("warm_start")
+                if warm is not None and warm.shape != p.shape:
+                    raise ValueError(f"state_dict: the warm-start vector of "
+                                     f"{self._names.get(id(p), '?')} has shape "
+                                     f"{tuple(warm.shape)}, the parameter {tuple(p.shape)}")
+        except ValueError:
+            super().load_state_dict(before)
+            raise
+        damping = ngd["damping"]
+        if self.adaptive_damping:
+            damping = min(max(damping, self.damping_floor), self.damping_ceiling)
+        self.damping = damping
+        self.steps = ngd["steps"]
+        self.skipped_total = ngd["skipped_total"]
+        self.rejected_total = ngd["rejected_total"]
+        self._generator.set_state(ngd["generator"])
+        self.history = ngd["history"]
+        last = ngd.get("last_stats") or (self.history[-1] if self.history else None)
+        self.last_stats = None if last is None else NGDStats(**last)
+
+    @staticmethod
+    def _check_ngd_state(ngd: Any) -> dict[str, Any]:
+        """The ``"ngd"`` entry of a state dict, checked and converted (nothing is loaded)."""
+        if not isinstance(ngd, dict):
+            raise ValueError(f"state_dict: its 'ngd' entry must be a dict, got "
+                             f"{type(ngd).__name__}")
+        required = ("damping", "steps", "skipped_total", "rejected_total", "generator",
+                    "history")
+        missing = [key for key in required if key not in ngd]
+        if missing:
+            raise ValueError(f"state_dict: its 'ngd' entry lacks {missing}")
+        out = dict(ngd)
+        try:
+            out["damping"] = float(ngd["damping"])
+            for key in ("steps", "skipped_total", "rejected_total"):
+                out[key] = int(ngd[key])
+            out["generator"] = torch.as_tensor(ngd["generator"]).to("cpu", torch.uint8)
+            out["history"] = [dict(h) for h in ngd["history"]]
+            if ngd.get("last_stats") is not None:
+                out["last_stats"] = dict(ngd["last_stats"])
+            for stats in out["history"] + [out.get("last_stats") or {}]:
+                if stats:
+                    NGDStats(**stats)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"state_dict: its 'ngd' entry is malformed ({err})") from None
+        if not math.isfinite(out["damping"]) or out["damping"] < 0:
+            raise ValueError(f"state_dict: damping must be finite and ≥ 0, got {out['damping']}")
+        if min(out[key] for key in ("steps", "skipped_total", "rejected_total")) < 0:
+            raise ValueError("state_dict: negative step counters")
+        if out["generator"].shape != torch.Generator().get_state().shape:
+            raise ValueError("state_dict: its generator state is not a CPU generator's")
+        return out
 
     # --- copies ---
     def __getstate__(self) -> dict[str, Any]:
@@ -901,7 +1048,7 @@ class NGD(torch.optim.Optimizer):
         super().__setstate__(state)
         if "model" in state:
             self._names = {id(p): name for name, p in self.model.named_parameters()}
-            self._model_param_ids = {id(p) for p in self.model.parameters() if p.requires_grad}
+            self._model_param_ids = {id(p) for p in self.model.parameters()}
 
     def __repr__(self) -> str:
         return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "
