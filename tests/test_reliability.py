@@ -354,6 +354,10 @@ def test_solve_method_error_lists_methods():
     ("gaussian", torch.zeros(5, 3, dtype=torch.long), ["targets:", "floating"]),
     ("bernoulli", torch.full((5, 3), 2.0, dtype=torch.float64), ["targets:", "[0, 1]"]),
     ("categorical", [0, 1, 2, 0, 1], ["targets:", "Tensor"]),
+    # as many values as the outputs, laid out otherwise: no silent reshape
+    ("gaussian", torch.zeros(3, 5, dtype=torch.float64), ["targets:", "(5, 3)", "(3, 5)"]),
+    ("bernoulli", torch.zeros(15, dtype=torch.float64), ["targets:", "(5, 3)", "(15,)"]),
+    ("categorical", torch.zeros(5, 1, dtype=torch.long), ["targets:", "5", "(5, 1)"]),
 ])
 def test_targets_that_do_not_fit_the_likelihood(likelihood, targets, words):
     x, _ = data(5, 4, 3)
@@ -361,6 +365,27 @@ def test_targets_that_do_not_fit_the_likelihood(likelihood, targets, words):
         natural_gradient(tiny(), x, targets, likelihood=likelihood)
     msg = str(info.value)
     assert msg.startswith(words[0]) and all(w in msg for w in words[1:]), msg
+
+
+def test_targets_shaped_like_sequence_outputs_or_single_outputs_are_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)  # outputs (3, 5, 2): 15 examples
+    y = torch.rand(3, 5, 2, dtype=torch.float64)
+    flat = FisherOperator(model, x.reshape(15, 4), "gaussian", targets=y.reshape(15, 2))
+    op = FisherOperator(model, x, "gaussian", targets=y)
+    torch.testing.assert_close(op.gradient(), flat.gradient())
+    with pytest.raises(ValueError, match=r"targets: expected the shape of the outputs"):
+        FisherOperator(model, x, "gaussian", targets=y.transpose(0, 1))
+    one = nn.Linear(4, 1).double()  # one output per example: (N,) targets as torch's losses take
+    z = torch.rand(5, dtype=torch.float64)
+    op = FisherOperator(one, x[0], "bernoulli", targets=z)
+    torch.testing.assert_close(op.targets, z.reshape(5, 1))
+
+
+def test_categorical_over_a_single_logit_is_refused():
+    with pytest.raises(ValueError, match="likelihood: 'categorical' needs at least 2 outputs"):
+        FisherOperator(nn.Linear(4, 1).double(), torch.randn(5, 4, dtype=torch.float64))
 
 
 def assert_untouched(opt, model, before, state):

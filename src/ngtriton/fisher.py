@@ -81,6 +81,18 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
     return params
 
 
+def _rows(targets: Any, out_shape: torch.Size) -> Any:
+    """Targets laid out like the model's outputs ``(..., m)``, or like them without the last
+    dimension (class indices), flattened to rows as the outputs are; others as given (the
+    likelihood then checks them against the rows ``(N, m)``)."""
+    if isinstance(targets, Tensor) and len(out_shape) > 2:
+        if targets.shape == out_shape:
+            return targets.reshape(-1, out_shape[-1])
+        if targets.shape == out_shape[:-1]:
+            return targets.reshape(-1)
+    return targets
+
+
 class FisherOperator:
     """``F + λI`` of ``model`` on one batch, without ever forming it (see module docstring).
 
@@ -137,7 +149,8 @@ class FisherOperator:
             raise ValueError("inputs: the batch is empty")
         self.outputs = outputs
         self.num_examples, self.num_outputs = outputs.shape
-        self.targets = None if targets is None else self.likelihood.check_targets(outputs, targets)
+        self.targets = (None if targets is None else
+                        self.likelihood.check_targets(outputs, _rows(targets, out.shape)))
         self._state = self.likelihood.fisher_state(outputs)
         self._scale = 1.0 / math.sqrt(self.num_examples)
         self._dense_factor: Tensor | None = None

@@ -109,10 +109,10 @@ class Categorical(Likelihood):
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise ValueError("targets: the categorical likelihood takes integer class indices, "
                              f"got dtype {targets.dtype}")
-        targets = targets.reshape(-1) if targets.numel() == n else targets
         if targets.shape != (n,):
-            raise ValueError(f"targets: expected {n} class indices (one per example), "
-                             f"got shape {tuple(targets.shape)}")
+            raise ValueError(f"targets: expected {n} class indices (one per example, shaped "
+                             f"like the outputs without their last, class dimension), got "
+                             f"shape {tuple(targets.shape)}")
         if n and (int(targets.min()) < 0 or int(targets.max()) >= m):
             raise ValueError(f"targets: class indices must lie in [0, {m - 1}] for {m} outputs, "
                              f"got range [{int(targets.min())}, {int(targets.max())}]")
@@ -122,6 +122,10 @@ class Categorical(Likelihood):
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def fisher_state(self, outputs: Tensor) -> Tensor:
+        if outputs.shape[-1] < 2:
+            raise ValueError("likelihood: 'categorical' needs at least 2 outputs (class logits) "
+                             "per example; over one logit the softmax is constant and the "
+                             "Fisher zero. For one logit per example use 'bernoulli'")
         return torch.softmax(outputs.detach(), dim=-1)
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -164,9 +168,10 @@ class _Independent(Likelihood):
         if not targets.dtype.is_floating_point:
             raise ValueError(f"targets: the {self.name} likelihood takes floating-point targets, "
                              f"got dtype {targets.dtype}")
-        if targets.numel() != outputs.numel():
-            raise ValueError(f"targets: expected {outputs.numel()} values shaped like the outputs "
-                             f"{tuple(outputs.shape)}, got shape {tuple(targets.shape)}")
+        n, m = outputs.shape
+        if targets.shape != (n, m) and not (m == 1 and targets.shape == (n,)):
+            raise ValueError(f"targets: expected the shape of the outputs {(n, m)}, got shape "
+                             f"{tuple(targets.shape)}")
         return targets.reshape(outputs.shape).to(device=outputs.device, dtype=outputs.dtype)
 
 

@@ -11,7 +11,9 @@ a guard that keeps non-finite numbers away from the parameters.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -110,6 +112,10 @@ class NonFiniteError(FloatingPointError):
         self.reason, self.what, self.step = reason, what, step
 
 
+# What autograd says when a closure differentiates tensors that evaluation mode froze.
+_NEEDS_GRAD = re.compile(r"requires_grad|require grad")
+
+
 class _ProductWatch:
     """Whether a guarded product returned a non-finite vector (on a GPU without a host sync).
 
@@ -175,6 +181,25 @@ class _GuardedOperator:
         return self.watch.any_bad()
 
 
+def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                   ) -> tuple[tuple, dict[str, Any]]:
+    """The keyword arguments folded into positional ones (defaults filled in) where
+    ``model.forward``'s signature allows it, so the engine can trace the model itself; else
+    unchanged (then :class:`_BoundKwargs` binds them)."""
+    if not kwargs:
+        return args, kwargs
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    params = list(sig.parameters.values())
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        return args, kwargs
+    bound.apply_defaults()
+    return tuple(bound.arguments[p.name] for p in params), {}
+
+
 class _BoundKwargs(nn.Module):
     """``model(*args, **kwargs)`` with the keyword arguments bound, for the Fisher's forward."""
 
@@ -208,7 +233,10 @@ class NGD(torch.optim.Optimizer):
     :class:`~ngtriton.ForwardRecord` catches, and recomputing the rest), with the given
     ``likelihood`` on the model's outputs: the loss the closure computes should be the mean
     negative log-likelihood of that likelihood (cross-entropy for ``"categorical"``, ½‖y − z‖²
-    for ``"gaussian"``, BCE-with-logits for ``"bernoulli"``), plus any regulariser. The
+    for ``"gaussian"``, BCE-with-logits for ``"bernoulli"``), plus any regulariser. The last
+    dimension of the output holds one example's outputs (the class logits), every leading one
+    counts examples: a model that emits ``(B, C, T)`` for ``F.cross_entropy`` must move its
+    classes last (``(B, T, C)``). The
     right-hand side ``g`` is the parameters' ``.grad`` after the closure plus
     ``weight_decay·θ``, so anything the closure adds to the loss composes.
 
@@ -539,7 +567,9 @@ class NGD(torch.optim.Optimizer):
                     return self._call_for_loss(closure, rng, leaves=True)
                 except (ValueError, TypeError):
                     raise
-                except RuntimeError:  # e.g. autograd.grad(loss, params): they need grad
+                except RuntimeError as err:  # e.g. autograd.grad(loss, params) needs their grad
+                    if not _NEEDS_GRAD.search(str(err)):
+                        raise  # the closure's own error: it reaches the caller
                     for p in self._trainable:
                         p.grad = None
                     value = self._call_for_loss(closure, rng, leaves=False)
@@ -793,6 +823,7 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         c_args, c_kwargs, c_targets = self._curvature_inputs(args, kwargs, targets)
+        c_args, c_kwargs = _as_positional(self.model, c_args, c_kwargs)
         fisher_model = _BoundKwargs(self.model, c_kwargs) if c_kwargs else self.model
         op = _GuardedOperator(FisherOperator(
             fisher_model, c_args, self.likelihood, targets=c_targets, fisher=self.fisher,

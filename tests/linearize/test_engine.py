@@ -6,12 +6,13 @@ import collections
 import copy
 import itertools
 import types
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jacrev, jvp, vjp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ngtriton.linearize import ops_torch
@@ -39,8 +40,16 @@ def oracle(model: nn.Module, inputs: tuple):
     return f, params
 
 
-def check_against_oracle(model, inputs, rtol=1e-10, atol=1e-10, oracle_model=None, seed=0):
-    """Engine jvp/vjp/outputs == torch.func jvp/vjp on fresh random tangents/cotangents."""
+def _reverse_jvp(f, params, v):
+    """``(f(params), J v)`` from the dense reverse-mode Jacobian (for ops without forward AD)."""
+    jac = jacrev(f, argnums=tuple(range(len(params))))(*params)
+    return f(*params), sum(torch.tensordot(j, t, dims=t.ndim) for j, t in zip(jac, v))
+
+
+def check_against_oracle(model, inputs, rtol=1e-10, atol=1e-10, oracle_model=None, seed=0,
+                         reverse_only=False):
+    """Engine jvp/vjp/outputs == torch.func jvp/vjp on fresh random tangents/cotangents
+    (``reverse_only``: J v from torch.func's dense reverse-mode Jacobian instead)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     lin = build_engine(model, inputs)
     assert isinstance(lin, Linearization)
@@ -48,7 +57,7 @@ def check_against_oracle(model, inputs, rtol=1e-10, atol=1e-10, oracle_model=Non
     f, params = oracle(oracle_model or model, inputs)
     gen = torch.Generator().manual_seed(seed)
     v = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params)
-    out, jv = jvp(f, params, v)
+    out, jv = (_reverse_jvp if reverse_only else jvp)(f, params, v)
     u = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     want = vjp(f, *params)[1](u)
     torch.testing.assert_close(lin.outputs, out, rtol=rtol, atol=atol)
@@ -655,9 +664,6 @@ def test_one_forward_only():
     torch.manual_seed(18)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), ScaledSoftplus(6), nn.Linear(6, 6),
                           nn.Tanh(), nn.Linear(6, 3)).to(F64)
-    hooks = collections.Counter()
-    for name, m in model.named_modules():
-        m.register_forward_pre_hook(lambda mod, args, name=name: hooks.update([name]))
     x = torch.randn(5, 4, dtype=F64)
     with _CountOps() as build_count:
         lin = build_engine(model, (x,), cache_trace=False)
@@ -665,12 +671,17 @@ def test_one_forward_only():
     assert build_count.calls["tanh"] + build_count.calls["tanh_"] == 2  # each activation once
     assert build_count.calls["addmm"] == 3           # each Linear evaluated once
     v = [torch.randn_like(p) for p in lin.params]
-    hooks.clear()
-    with _CountOps() as product_count:
+    calls = collections.Counter()
+    module_call = nn.Module.__call__
+
+    def counting_call(self, *args, **kwargs):
+        calls.update([type(self).__name__])
+        return module_call(self, *args, **kwargs)
+    with _CountOps() as product_count, mock.patch.object(nn.Module, "__call__", counting_call):
         for _ in range(5):
             lin.vjp(lin.jvp(v))
     assert model[2].calls == 1                       # no forward of any module in products
-    assert sum(hooks.values()) == 0
+    assert sum(calls.values()) == 0
     assert product_count.calls["tanh"] + product_count.calls["tanh_"] == 0
     assert product_count.calls["softplus"] == 0
     assert product_count.calls["addmm"] == 0         # F.linear forwards never run again
@@ -862,3 +873,85 @@ def test_forward_signature_read_like_inspect_for_every_kind_of_forward():
     for m in (Plain(), Plain(), Static(), Cls(), Partial(), Obj(), override):
         want = list(inspect.signature(m.forward).parameters.values())
         assert _forward_params(m) == want
+
+
+# --------------------------------------------------------------------------------------------
+# Modules whose call is not their class's forward, and forwards that read Python attributes
+# --------------------------------------------------------------------------------------------
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w + w.T
+
+
+def _with_weight_norm(m):
+    m[0] = torch.nn.utils.parametrizations.weight_norm(m[0])
+
+
+def _with_symmetric_weight(m):
+    torch.nn.utils.parametrize.register_parametrization(m[2], "weight", _Symmetric())
+
+
+def _hook_on_linear(m):
+    m[0].register_forward_hook(lambda mod, args, out: out * 3)
+
+
+def _pre_hook_on_activation(m):
+    m[1].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+
+
+def _forward_on_instance(m):
+    lin = m[2]
+    lin.forward = lambda x: F.linear(x, lin.weight, lin.bias) * 2  # per-instance override
+
+
+@pytest.mark.parametrize("change", [_with_weight_norm, _with_symmetric_weight, _hook_on_linear,
+                                    _pre_hook_on_activation, _forward_on_instance])
+def test_parametrized_hooked_and_overridden_modules_are_differentiated_as_they_run(change):
+    """A rule would compute the class's forward of the module's own parameters; a module with a
+    parametrization, a hook or its own forward runs as an opaque node instead."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                          nn.Linear(5, 3)).to(F64)
+    change(model)
+    x = torch.randn(6, 4, dtype=F64)
+    lin = check_against_oracle(model, (x,), reverse_only=True)  # weight_norm: no forward AD
+    torch.testing.assert_close(lin.outputs, model(x), rtol=0, atol=0)
+
+
+def test_hooks_on_the_model_itself_or_global_hooks_are_not_traced():
+    model = nn.Sequential(nn.Linear(4, 3)).to(F64)
+    x = torch.randn(5, 4, dtype=F64)
+    handle = model.register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.raises(EngineUnsupported, match="Sequential itself has forward hooks"):
+        build_engine(model, (x,))
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        with pytest.raises(EngineUnsupported, match="global module forward hooks"):
+            build_engine(model, (x,))
+    finally:
+        handle.remove()
+    check_against_oracle(model, (x,))
+
+
+def test_the_cached_trace_follows_the_attributes_forward_reads():
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.temperature, self.skip = 1.0, False
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            z = self.b(h) / self.temperature
+            return z + self.b(h * 2) if self.skip else z
+
+    torch.manual_seed(22)
+    model = Tempered().to(F64)
+    x = torch.randn(6, 4, dtype=F64)
+    check_against_oracle(model, (x,))
+    model.temperature, model.skip = 4.0, True
+    check_against_oracle(model, (x,))
+    model.temperature = 0.5
+    check_against_oracle(model, (x,))

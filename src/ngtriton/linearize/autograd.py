@@ -9,16 +9,33 @@ One forward pass builds the graph of ``z(θ)``. A second, create-graph backward 
 
 No product runs the model's forward again and nothing is retraced. It is the fallback for
 models the per-module engine cannot trace, and the oracle the engine is compared with.
+
+Like the engine, it linearizes the network without dropout (every ``F.dropout``-family call is
+the identity during its forward) and runs scaled-dot-product attention through its math
+backend, the one with a double backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .base import check_tangents
+from .rules import DROPOUT_FUNCS, math_attention, reaching
+
+
+class _WithoutDropout(TorchFunctionMode):
+    """Every dropout function returns its input: the deterministic network, as the engine's."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func in DROPOUT_FUNCS:
+            return args[0] if args else (kwargs or {})["input"]
+        return func(*args, **(kwargs or {}))
 
 
 class AutogradLinearization:
@@ -26,18 +43,33 @@ class AutogradLinearization:
 
     def __init__(self, model: nn.Module, inputs: Sequence[object]) -> None:
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            out = model(*inputs)
+        with torch.enable_grad(), math_attention():
+            with _WithoutDropout():
+                out = model(*inputs)
             if not isinstance(out, Tensor):
                 raise TypeError(f"model: expected the forward to return a Tensor, "
                                 f"got {type(out).__name__}")
             self._out = out
-            self._dummy = torch.zeros_like(out, requires_grad=True)
+            # Any u works (Jᵀu is linear in it); ones make a severed dependency visible below.
+            self._dummy = torch.ones_like(out, requires_grad=True)
             grads = torch.autograd.grad(out, self.params, self._dummy, create_graph=True,
                                         allow_unused=True)
         self.outputs = out.detach()
-        # Parameters whose gradient does not depend on u (unused ones) have a zero Jacobian.
-        self._linked = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
+        # Jᵀu is linear in u: a gradient that does not depend on u must be zero (an unused
+        # parameter, or one behind a zero derivative such as round). A non-zero one means its
+        # graph to u was cut (e.g. a custom Function with @once_differentiable), and J v would
+        # silently miss that parameter.
+        on_u = reaching([gr.grad_fn for gr in grads if gr is not None], self._dummy)
+        severed = [i for i, gr in enumerate(grads) if gr is not None
+                   and gr.grad_fn not in on_u and bool(gr.any())]
+        if severed:
+            raise RuntimeError(
+                f"model: the gradient of {len(severed)} parameter(s) (the first has shape "
+                f"{tuple(self.params[severed[0]].shape)}) cannot be differentiated again, so "
+                "J·v cannot be formed by double backward (a custom autograd.Function with "
+                "@once_differentiable, or a backward that is not differentiable?); give it a "
+                "differentiable backward or make the model traceable by the per-module engine")
+        self._linked = [i for i, gr in enumerate(grads) if gr is not None and gr.grad_fn in on_u]
         self._grads = [grads[i] for i in self._linked]
 
     def jvp(self, tangents: Sequence[Tensor]) -> Tensor:

@@ -18,7 +18,12 @@ Which modules are traced through and which are nodes: modules with a rule (Linea
 Embedding, activations, dropout, Flatten/Unflatten, Identity) and torch.nn's other built-in layers
 are nodes; containers (Sequential, ModuleList, ModuleDict) and user modules with submodules are
 traced through; user modules without submodules are nodes (opaque: per-node autograd fallback).
-Forward hooks of modules handled by rules do not fire (the rules call functions, not modules).
+A module with forward hooks or a parametrization (``weight_norm``, ``register_parametrization``)
+never gets a rule: it runs as an opaque node, by calling it, so its hooks and parametrizations
+act as in eager PyTorch; hooks on the model itself or global module hooks make the build raise
+:class:`EngineUnsupported` (the caller falls back to whole-model autograd). The trace is cached
+per model and invalidated when a module's plain Python attributes (numbers, flags, strings)
+change, since ``forward`` may branch on them; globals it reads are not watched.
 The cache holds references to the parameters; updating them in place invalidates it (products
 then raise); build a new linearization after each optimizer step.
 """
@@ -42,11 +47,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.node import Node, map_arg
+from torch.nn.modules import module as _module_globals
+from torch.nn.utils import parametrize
 
 from . import ops_torch
 from .base import check_tangents
 from .record import ForwardRecord
 from .rules import (
+    DROPOUT_FUNCS,
     Activation,
     AddStep,
     AutogradStep,
@@ -81,8 +89,6 @@ class EngineUnsupported(Exception):
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
-_DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                  F.feature_alpha_dropout}
 _ACT_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
 _ACT_FUNCS: dict[Any, str] = {
     torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
@@ -119,11 +125,22 @@ _LINEAR_METHODS = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes
                    "__getitem__", "to", "float", "double", "type_as"}
 
 
+def _plain(m: nn.Module) -> bool:
+    """Whether calling ``m`` is exactly its class's ``forward`` of its own parameters, as the
+    rules assume: no forward (pre-)hooks, no parametrization (``weight_norm``, ``register_
+    parametrization``), no ``forward`` set on the instance. Other modules run as opaque nodes,
+    by calling them."""
+    return not (m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
+                or "forward" in vars(m))
+
+
 def _same_forward(m: nn.Module, cls: type) -> bool:
-    return isinstance(m, cls) and type(m).forward is cls.forward
+    return isinstance(m, cls) and type(m).forward is cls.forward and _plain(m)
 
 
 def _module_activation(m: nn.Module) -> Activation | None:
+    if not _plain(m):
+        return None
     name = _ACT_MODULES.get(type(m))
     if name is not None:
         return Activation(name)
@@ -141,8 +158,13 @@ def _embedding_ok(m: nn.Module) -> bool:
 
 def _has_module_rule(m: nn.Module) -> bool:
     return (_same_forward(m, nn.Linear) or _same_forward(m, nn.LayerNorm) or _embedding_ok(m)
-            or _module_activation(m) is not None or type(m) in _DROPOUT_MODULES
-            or type(m) in (nn.Identity, nn.Flatten, nn.Unflatten))
+            or _module_activation(m) is not None or _simple_module(m, _DROPOUT_MODULES)
+            or _simple_module(m, (nn.Identity, nn.Flatten, nn.Unflatten)))
+
+
+def _simple_module(m: nn.Module, types: Any) -> bool:
+    """``m`` is exactly one of ``types`` (no subclass), without hooks or parametrizations."""
+    return type(m) in types and _plain(m)
 
 
 def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
@@ -277,7 +299,20 @@ def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
         hash(spec)
     except TypeError:
         return None
-    return (tuple((name, id(m), type(m), m.training) for name, m in model.named_modules()), spec)
+    return (tuple((name, id(m), type(m), m.training, _plain(m), _attributes(m))
+                  for name, m in model.named_modules()), spec)
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _attributes(m: nn.Module) -> tuple:
+    """The plain Python attributes of ``m`` (numbers, strings, flags, None, tuples of them): a
+    ``forward`` that reads one is specialised to its value by the trace, so a change must
+    invalidate the cached graph."""
+    return tuple((k, v) for k, v in vars(m).items()
+                 if isinstance(v, _SCALARS) or (isinstance(v, tuple)
+                                                 and all(isinstance(e, _SCALARS) for e in v)))
 
 
 def clear_trace_cache(model: nn.Module | None = None) -> None:
@@ -459,6 +494,12 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
+    if not _plain(model):  # the trace starts at model.forward: its own hooks would not run
+        raise EngineUnsupported(f"{type(model).__name__} itself has forward hooks, a "
+                                "parametrization or a forward set on the instance")
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        raise EngineUnsupported("global module forward hooks are registered (the rules do not "
+                                "run them)")
     graph = _trace(model, inputs, cache=cache_trace)
     return _Builder(model, graph, inputs, ops, record).build()
 
@@ -667,8 +708,8 @@ class _Builder:
 
     def _is_dropout(self, node: Node, mod: nn.Module | None) -> bool:
         if mod is not None:
-            return type(mod) in _DROPOUT_MODULES
-        return node.op == "call_function" and node.target in _DROPOUT_FUNCS
+            return _simple_module(mod, _DROPOUT_MODULES)
+        return node.op == "call_function" and node.target in DROPOUT_FUNCS
 
     def _inactive(self, node: Node, mod: nn.Module | None) -> Any:
         args, kwargs = self._val(node.args), self._val(node.kwargs)
@@ -704,11 +745,11 @@ class _Builder:
             self._add(node, EmbeddingStep(x, w_slot, mod.num_embeddings, mod.embedding_dim,
                                           mod.padding_idx), value)
             return
-        if simple and x_slot is not None and (type(mod) in _DROPOUT_MODULES
-                                              or type(mod) is nn.Identity):
+        if simple and x_slot is not None and _simple_module(mod, (*_DROPOUT_MODULES,
+                                                                  nn.Identity)):
             self._add(node, IdentityStep(x_slot), x)
             return
-        if simple and x_slot is not None and type(mod) in (nn.Flatten, nn.Unflatten):
+        if simple and x_slot is not None and _simple_module(mod, (nn.Flatten, nn.Unflatten)):
             value = mod(x)
             self._add(node, ReshapeStep(x_slot, x.shape, value.shape), value)
             return
@@ -814,7 +855,7 @@ class _Builder:
             self._layernorm(node, x, x_slot, shape, w, w_slot, b, b_slot,
                             float(_arg(node, 4, "eps", 1e-5)))
             return
-        if op == "call_function" and t in _DROPOUT_FUNCS:
+        if op == "call_function" and t in DROPOUT_FUNCS:
             x, x_slot = self._src(_arg(node, 0, "input"))
             if x_slot is not None:
                 self._add(node, IdentityStep(x_slot), x)

@@ -30,7 +30,40 @@ from torch import Tensor
 Cot = Any  # a Tensor, a tuple of (Tensor | None) for tuple-valued nodes, or None
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
+def reaching(roots: list[Any], *leaves: Tensor) -> set[Any]:
+    """The autograd nodes, among those reachable from ``roots``, from which one of ``leaves``
+    is reachable (their AccumulateGrad nodes included): what depends on them."""
+    ids = {id(t) for t in leaves}
+    parents: dict[Any, list[Any]] = {}
+    seen: set[Any] = set()
+    stack = [r for r in roots if r is not None]
+    targets = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in ids:
+            targets.append(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents.setdefault(child, []).append(node)
+                stack.append(child)
+    good: set[Any] = set()
+    while targets:
+        node = targets.pop()
+        if node not in good:
+            good.add(node)
+            targets.extend(parents.get(node, ()))
+    return good
+
+
+# The dropout functions (modules call them): the identity in every linearization.
+DROPOUT_FUNCS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                           F.feature_alpha_dropout})
+
+
+def math_attention() -> contextlib.AbstractContextManager:
     """Scaled-dot-product attention through its math backend, which has a double backward and
     forward AD (the fused CPU/GPU kernels have neither)."""
     try:
@@ -465,7 +498,7 @@ class AutogradStep(Step):
         self.fn = fn
         self.primals = tuple(p.detach() for p in primals)
         self.forward_mode = False  # True: JVP by torch.func.jvp (no double backward)
-        with torch.enable_grad(), _math_attention():
+        with torch.enable_grad(), math_attention():
             leaves = [p.detach().requires_grad_() for p in primals]
             value = fn(*leaves)
         outs, self.is_tuple = _as_tuple(value)
@@ -487,8 +520,10 @@ class AutogradStep(Step):
                 grads = torch.autograd.grad(self.outs, leaves, self.u, create_graph=True,
                                             allow_unused=True)
             self.lin = [(k, gr) for k, gr in enumerate(grads) if gr is not None]
-            # Jᵀu is linear in u, so it requires grad unless the backward is not differentiable
-            self.forward_mode = any(not gr.requires_grad for _, gr in self.lin)
+            # Jᵀu is linear in u, so it depends on u unless the backward is not differentiable
+            # (e.g. @once_differentiable; it may still depend on the leaves)
+            on_u = reaching([gr.grad_fn for _, gr in self.lin], *self.u)
+            self.forward_mode = any(gr.grad_fn not in on_u for _, gr in self.lin)
         except RuntimeError:
             self.forward_mode = True
         if self.forward_mode:
@@ -519,7 +554,7 @@ class AutogradStep(Step):
             else:
                 return self._pack([self._zeros_out(i) if r is None else r
                                    for i, r in enumerate(res)])
-        with _math_attention():
+        with math_attention():
             _, t = torch.func.jvp(self.fn, self.primals, tuple(dots))
         ts, _ = _as_tuple(t)
         return self._pack([ts[i] for i in self.diff])
