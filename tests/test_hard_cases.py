@@ -151,3 +151,24 @@ def test_float32_underflowing_probability_does_not_poison_the_factor(method):
     res = solve(op, method=method, maxiter=500)
     assert res.converged
     assert ((res.x.double() - want).norm() / want.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_confidently_wrong_classifier_through_the_dual_solve(dtype):
+    """Logits of ±100 and wrong labels: b ~ 1/√p_y is huge (yet Aᵀb = g to √eps), and the dual
+    solve's b-formula cancels badly; it must fall back to the same eigenpairs applied to g."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(200.0)
+        model[2].bias.mul_(200.0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = (model(x).argmax(-1) + 1) % 3
+    F_ref, g = dense_fisher(model, x, y, "categorical")
+    want = torch.linalg.solve(F_ref + 1e-3 * torch.eye(len(g), dtype=g.dtype), g)
+    model = model.to(dtype)
+    direction, res = natural_gradient(model, x.to(dtype), y, damping=1e-3, return_result=True)
+    assert res.method == "dual-direct"
+    err = float((flat(direction).double() - want).norm() / want.norm())
+    assert err < (1e-8 if dtype == torch.float64 else 1e-4), (err, res)

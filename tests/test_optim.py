@@ -563,15 +563,6 @@ def test_digits_stability_20_epochs():
 
 # --- what users do around the step --------------------------------------------------------
 
-def _closure_zeroing(zeroer, opt, model, x, y):
-    def closure():
-        zeroer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 def test_zero_grad_also_clears_parameters_in_no_group():
     """Parameters left out of ``params=`` stay fixed but their .grad is part of g: the closure's
     opt.zero_grad() must clear it, or it accumulates across steps and skews every later step."""
@@ -581,7 +572,7 @@ def test_zero_grad_also_clears_parameters_in_no_group():
         model = tiny_mlp()
         opt = NGD(model, params=model[2].parameters())
         for x, y in batches:
-            opt.step(_closure_zeroing(opt if zero == "opt" else model, opt, model, x, y))
+            opt.step(make_closure(opt if zero == "opt" else model, model, x, y))  # who zeroes
         runs.append((params_of(model), [h["grad_norm"] for h in opt.history]))
     assert_identical(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]

@@ -28,6 +28,16 @@ class Branchy(nn.Module):
         return self.b(torch.nn.functional.softplus(h))
 
 
+def _functional(model, x):
+    """The oracle: ``f(*params) = model(x)`` through torch.func, and the parameters."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(*ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    return f, tuple(p.detach() for p in model.parameters())
+
+
 @pytest.mark.parametrize("model_fn", [
     lambda: nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.LayerNorm(6), nn.Linear(6, 3)),
     Branchy,
@@ -37,12 +47,7 @@ def test_matches_torch_func(model_fn):
     model = model_fn().double()
     x = torch.randn(5, 4, dtype=torch.float64)
     lin = AutogradLinearization(model, (x,))
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
-
-    def f(*ps):
-        return functional_call(model, dict(zip(names, ps)), (x,))
-
+    f, params = _functional(model, x)
     v = tuple(torch.randn_like(p) for p in params)
     u = torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(lin.jvp(list(v)), jvp(f, params, v)[1])
@@ -84,12 +89,7 @@ def test_attention_runs_through_the_math_backend():
                                        batch_first=True).double()
     x = torch.randn(3, 4, 8, dtype=torch.float64)
     lin = AutogradLinearization(layer, (x,))
-    names = [n for n, _ in layer.named_parameters()]
-    params = tuple(p.detach() for p in layer.parameters())
-
-    def f(*ps):
-        return functional_call(layer, dict(zip(names, ps)), (x,))
-
+    f, params = _functional(layer, x)
     v = tuple(torch.randn_like(p) for p in params)
     with sdpa_kernel([SDPBackend.MATH]):  # the oracle's forward AD needs it too
         want = jvp(f, params, v)[1]

@@ -22,31 +22,51 @@ DUAL_DIRECT_MAX_ROWS = 512
 METHODS = ("auto", "cg", "minres", "lsmr", "lsqr", "dual", "dual-direct", "dual-krylov")
 
 
-def _flat_rhs(op: Any, rhs: Any) -> tuple[Tensor, bool]:
-    """``rhs`` as a flat vector of length P; True when it came as a list of tensors."""
+def _flat_rhs(op: Any, rhs: Any, name: str = "rhs") -> tuple[Tensor, bool]:
+    """``rhs`` as a flat vector of length P (detached); True when it came as a list of tensors.
+    Errors name ``name``."""
     P = int(op.num_params)
     if isinstance(rhs, Tensor):
         if rhs.ndim != 1 or rhs.shape[0] != P:
-            raise ValueError(f"rhs: expected a flat vector of length {P} or a list of "
+            raise ValueError(f"{name}: expected a flat vector of length {P} or a list of "
                              f"parameter-shaped tensors, got shape {tuple(rhs.shape)}")
-        return rhs.to(dtype=op.dtype, device=op.device), False
+        return rhs.detach().to(dtype=op.dtype, device=op.device), False
     if isinstance(rhs, Sequence) and not isinstance(rhs, str):
         try:
-            flat = op.flatten(list(rhs))
+            flat = op.flatten([t.detach() if isinstance(t, Tensor) else t for t in rhs])
         except (ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"rhs: does not match the parameters' shapes ({err})") from None
+            raise ValueError(f"{name}: does not match the parameters' shapes ({err})"
+                             ) from None
         if flat.shape != (P,):
-            raise ValueError(f"rhs: expected {P} values in all, got {flat.numel()}")
+            raise ValueError(f"{name}: expected {P} values in all, got {flat.numel()}")
         return flat.to(dtype=op.dtype, device=op.device), True
-    raise TypeError(f"rhs: expected None, a flat Tensor or a list of Tensors, "
-                    f"got {type(rhs).__name__}")
+    what = "None, a flat Tensor" if name == "rhs" else "a flat Tensor"
+    raise TypeError(f"{name}: expected {what} or a list of Tensors, got {type(rhs).__name__}")
 
 
-def _pick(method: str, R: int, P: int, have_b: bool, lam: float, have_x0: bool) -> str:
+def _power_of_two_scale(g: Tensor) -> float:
+    """1, or the power of two near ``max|g|`` when ``g``'s size is so extreme that squares of
+    its entries would underflow or overflow the solvers' accumulators. Dividing by a power of
+    two is exact, so a scaled solve returns the unscaled one's iterates bit for bit."""
+    amax = float(torch.linalg.vector_norm(g, ord=math.inf))
+    if amax == 0.0 or not math.isfinite(amax):
+        return 1.0
+    exponent = math.frexp(amax)[1]
+    wide = torch.finfo(torch.float64 if g.dtype == torch.float64 else torch.float32)
+    limit = math.frexp(wide.max)[1] // 3  # squares of n ≤ 2^limit values stay finite
+    if g.dtype in (torch.float16, torch.bfloat16):  # the operator itself is narrow
+        limit = 2
+    return 1.0 if abs(exponent) <= limit else math.ldexp(1.0, exponent)
+
+
+def _pick(method: str, R: int, P: int, have_b: bool, lam: float, have_x0: bool,
+          narrow: bool = False) -> str:
     if method == "auto":
         if have_x0:
             return "cg"
-        if R <= DUAL_DIRECT_MAX_ROWS and R <= P:
+        # At λ = 0 the pseudo-inverse drops eigenvalues below the rounding noise of A, which in
+        # half precision is most of them: LSMR then keeps to the operator's accuracy.
+        if R <= DUAL_DIRECT_MAX_ROWS and R <= P and not (narrow and lam == 0):
             return "dual-direct"
         return "lsmr" if have_b or lam == 0 else "minres"
     if method == "lsqr":
@@ -113,19 +133,21 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
     if not bool(all_finite(g)) and not bool(torch.isfinite(g).all()):
         what = "the gradient" if rhs is None else "rhs"
         raise ValueError(f"rhs: {what} contains NaN or Inf (check the inputs and the loss)")
-    chosen = _pick(method, R, P, b is not None, lam, x0 is not None)
+    chosen = _pick(method, R, P, b is not None, lam, x0 is not None,
+                   op.dtype in (torch.float16, torch.bfloat16))
     x0_flat = None
     if x0 is not None:
         if chosen not in ("cg", "minres"):
             raise ValueError(f"x0: not supported by method {chosen!r} (use 'cg' or 'minres')")
-        x0_flat = _flat_rhs(op, x0)[0] if not isinstance(x0, Tensor) else x0
-        if x0_flat.ndim != 1 or x0_flat.shape[0] != P:
-            raise ValueError(f"x0: expected a flat vector of length {P}, "
-                             f"got shape {tuple(x0_flat.shape)}")
-        x0_flat = x0_flat.to(dtype=op.dtype, device=op.device)
+        x0_flat = _flat_rhs(op, x0, "x0")[0]
         if lam == 0:
             warnings.warn("x0: a warm start at damping 0 gives up the minimum-norm solution "
                           "F⁺rhs (null-space components of x0 are kept)", stacklevel=2)
+    scale = _power_of_two_scale(g)
+    if scale != 1.0:  # solve for rhs/scale (b/scale, x0/scale), then scale x back
+        g, atol = g / scale, atol / scale
+        b = None if b is None else b / scale
+        x0_flat = None if x0_flat is None else x0_flat / scale
     kw: dict[str, Any] = dict(tol=tol, atol=atol, maxiter=maxiter, check_every=check_every)
     if chosen == "cg":
         result = cg(op.damped_matvec, g, x0=x0_flat, workspace=workspace, **kw)
@@ -148,6 +170,8 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
                              f"rows > P = {P}): the sample-space system is then singular and "
                              "inconsistent; use 'lsmr' or 'dual-direct'")
         result = dual_krylov(op, b, rhs=g, **kw)
+    if scale != 1.0:
+        result.x = result.x.mul_(scale)
     if as_list:
         result.x = op.unflatten(result.x)
     return result

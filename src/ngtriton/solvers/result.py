@@ -26,7 +26,8 @@ class SolveResult:
             :func:`ngtriton.solvers.solve` was given ``rhs`` as a list).
         iterations: Krylov iterations done (0 for direct solves).
         residual: final relative residual of the damped normal equations,
-            ``‖rhs − (F+λI)x‖/‖rhs‖``, as the solver's recurrence estimates it (0.0 for rhs = 0).
+            ``‖rhs − (F+λI)x‖/‖rhs‖``, as CG's and LSMR's recurrences estimate it, computed
+            explicitly by MINRES and the dual solves (0.0 for rhs = 0).
         converged: whether the stopping test was met.
         reason: one of ``REASONS``.
         method: the method that ran (``"cg"``, ``"minres"``, ``"lsmr"``, ``"dual-direct"``, ...).
@@ -78,7 +79,7 @@ def check_vector(v: Any, name: str, length: int | None = None) -> Tensor:
         raise ValueError(f"{name}: expected {want}, got shape {tuple(v.shape)}")
     if not v.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
-    return v
+    return v.detach()  # the solvers are not differentiable (and write with out=)
 
 
 def default_maxiter(maxiter: int | None, n: int) -> int:
