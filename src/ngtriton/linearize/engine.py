@@ -190,6 +190,8 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None  # user layer without submodules: opaque node
 
 
+_TRACER = _Tracer()  # for its leaf test only
+
 _SIGNATURES: weakref.WeakKeyDictionary[type, tuple[inspect.Parameter, ...]] = \
     weakref.WeakKeyDictionary()
 
@@ -299,7 +301,9 @@ def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
         hash(spec)
     except TypeError:
         return None
-    return (tuple((name, id(m), type(m), m.training, _plain(m), _attributes(m))
+    leaf = _TRACER.is_leaf_module
+    return (tuple((name, id(m), type(m), m.training, _plain(m),
+                   None if leaf(m, name) else _attributes(m))
                   for name, m in model.named_modules()), spec)
 
 
@@ -308,8 +312,8 @@ _SCALARS = (bool, int, float, str, type(None))
 
 def _attributes(m: nn.Module) -> tuple:
     """The plain Python attributes of ``m`` (numbers, strings, flags, None, tuples of them): a
-    ``forward`` that reads one is specialised to its value by the trace, so a change must
-    invalidate the cached graph."""
+    traced-through ``forward`` that reads one is specialised to its value by the trace, so a
+    change must invalidate the cached graph. (Leaf modules are read when a build runs.)"""
     return tuple((k, v) for k, v in vars(m).items()
                  if isinstance(v, _SCALARS) or (isinstance(v, tuple)
                                                  and all(isinstance(e, _SCALARS) for e in v)))

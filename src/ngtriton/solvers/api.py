@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._vecops import all_finite
+from ._vecops import norm
 from .cg import cg
 from .dual import dual_direct, dual_krylov
 from .lsmr import lsmr
@@ -44,18 +44,22 @@ def _flat_rhs(op: Any, rhs: Any, name: str = "rhs") -> tuple[Tensor, bool]:
     raise TypeError(f"{name}: expected {what} or a list of Tensors, got {type(rhs).__name__}")
 
 
-def _power_of_two_scale(g: Tensor) -> float:
-    """1, or the power of two near ``max|g|`` when ``g``'s size is so extreme that squares of
-    its entries would underflow or overflow the solvers' accumulators. Dividing by a power of
-    two is exact, so a scaled solve returns the unscaled one's iterates bit for bit."""
-    amax = float(torch.linalg.vector_norm(g, ord=math.inf))
-    if amax == 0.0 or not math.isfinite(amax):
-        return 1.0
-    exponent = math.frexp(amax)[1]
+def _power_of_two_scale(g: Tensor, gnorm: float) -> float:
+    """1, or the power of two near ``max|g|`` when ``g``'s size (``gnorm = ‖g‖``, as the
+    solvers' accumulators compute it: 0 or Inf when squares underflow or overflow) is extreme.
+    Dividing by a power of two is exact, so a scaled solve returns the unscaled one's iterates
+    bit for bit."""
     wide = torch.finfo(torch.float64 if g.dtype == torch.float64 else torch.float32)
     limit = math.frexp(wide.max)[1] // 3  # squares of n ≤ 2^limit values stay finite
     if g.dtype in (torch.float16, torch.bfloat16):  # the operator itself is narrow
         limit = 2
+    if 0.0 < gnorm < math.inf and abs(math.frexp(gnorm)[1]) <= limit:
+        return 1.0  # the usual case: no extra pass
+    lo, hi = torch.aminmax(g)
+    amax = max(-float(lo), float(hi))
+    if amax == 0.0 or not math.isfinite(amax):
+        return 1.0
+    exponent = math.frexp(amax)[1]
     return 1.0 if abs(exponent) <= limit else math.ldexp(1.0, exponent)
 
 
@@ -129,8 +133,10 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         g, b, as_list = op.gradient(), op.gradient_factor(), False
     else:
         (g, as_list), b = _flat_rhs(op, rhs), None
-    # One summing pass; the exact test only when the sum is not finite (huge finite values).
-    if not bool(all_finite(g)) and not bool(torch.isfinite(g).all()):
+    # One pass: a finite ‖g‖ means a finite g; the exact test only when it is not (NaN, Inf,
+    # or huge finite values whose squares overflow).
+    gnorm = float(norm(g))
+    if not math.isfinite(gnorm) and not bool(torch.isfinite(g).all()):
         what = "the gradient" if rhs is None else "rhs"
         raise ValueError(f"rhs: {what} contains NaN or Inf (check the inputs and the loss)")
     chosen = _pick(method, R, P, b is not None, lam, x0 is not None,
@@ -143,7 +149,7 @@ def solve(op: Any, rhs: Tensor | Sequence[Tensor] | None = None, method: str = "
         if lam == 0:
             warnings.warn("x0: a warm start at damping 0 gives up the minimum-norm solution "
                           "F⁺rhs (null-space components of x0 are kept)", stacklevel=2)
-    scale = _power_of_two_scale(g)
+    scale = _power_of_two_scale(g, gnorm)
     if scale != 1.0:  # solve for rhs/scale (b/scale, x0/scale), then scale x back
         g, atol = g / scale, atol / scale
         b = None if b is None else b / scale
