@@ -627,13 +627,17 @@ def _closure_differentiating(kind, opt, model, x, y):
         elif kind == "autograd.grad":
             for p, gr in zip(params, torch.autograd.grad(loss, params)):
                 p.grad = gr
+        elif kind == "filtered":  # "the trainable ones", as read at call time: none in a trial
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            for p, gr in zip(trainable, torch.autograd.grad(loss, trainable)):
+                p.grad = gr
         else:
             loss.backward(inputs=params)
         return loss
     return closure
 
 
-@pytest.mark.parametrize("style", ["autograd.grad", "backward(inputs=)"])
+@pytest.mark.parametrize("style", ["autograd.grad", "backward(inputs=)", "filtered"])
 def test_closures_that_differentiate_the_parameters_themselves(style):
     """A closure that sets .grad by autograd.grad(loss, params) (or backward(inputs=params))
     cannot run in the trial's evaluation mode: its trial runs as it is, and the trajectory is
@@ -794,3 +798,27 @@ def _keyword_closure(opt, model, x, y, scale):
         loss.backward()
         return loss
     return closure
+
+
+def test_unfrozen_layers_with_warm_start_checkpoint_and_new_modules_join_groups():
+    """A layer unfrozen without a group joins F with a zero warm start (its state is not kept:
+    torch's state_dict maps grouped parameters only); a head swapped in after construction can
+    be given a group."""
+    batches = [batch(10, seed=s) for s in range(4)]
+    model = tiny_mlp()
+    model[0].requires_grad_(False)
+    opt = NGD(model, warm_start=True)
+    opt.step(make_closure(opt, model, *batches[0]))
+    model[0].requires_grad_(True)
+    opt.step(make_closure(opt, model, *batches[1]))
+    assert "warm_start" not in opt.state.get(model[0].weight, {})
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    torch.manual_seed(9)
+    model[2] = nn.Linear(6, 3).double()  # a new head: in F at once, moved once in a group
+    head = params_of(model[2])
+    opt.step(make_closure(opt, model, *batches[2]))
+    assert_identical(head, params_of(model[2]))
+    opt.add_param_group({"params": model[2].parameters()})
+    opt.step(make_closure(opt, model, *batches[3]))
+    assert not torch.equal(head[0], model[2].weight)

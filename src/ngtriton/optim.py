@@ -113,7 +113,7 @@ class NonFiniteError(FloatingPointError):
 
 
 # What autograd says when a closure differentiates tensors that evaluation mode froze.
-_NEEDS_GRAD = re.compile(r"requires_grad|require grad")
+_NEEDS_GRAD = re.compile(r"requires_grad|require grad|`inputs` argument to `\w+\(\)`")
 
 
 class _ProductWatch:
@@ -377,8 +377,8 @@ class NGD(torch.optim.Optimizer):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
 
         defaults = {"lr": lr, "weight_decay": weight_decay}
-        # add_param_group (called by torch's __init__) checks every group against these.
-        self._model_param_ids = {id(p) for p in model.parameters()}
+        # add_param_group (called by torch's __init__) checks every group against the model.
+        self._group_model = model
         self._ungrouped: list[Tensor] = []
         super().__init__(trainable if params is None else params, defaults)
 
@@ -420,8 +420,9 @@ class NGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            ids = {id(p) for p in self._group_model.parameters()}  # as the model is now
             for p in group["params"]:
-                if id(p) not in self._model_param_ids:
+                if id(p) not in ids:
                     raise ValueError("params: every parameter must be a parameter of model "
                                      "(the Fisher is taken over model.parameters())")
             _positive("lr", group["lr"])
@@ -831,9 +832,12 @@ class NGD(torch.optim.Optimizer):
             generator=self._generator, record=record))
         del record
         x0 = None
-        if self.warm_start and damping > 0 and all("warm_start" in self.state[p]
-                                                   for p in params):
-            x0 = torch.cat([self.state[p]["warm_start"].reshape(-1) for p in params])
+        warm = ([self.state[p].get("warm_start") if p in self.state else None for p in params]
+                if self.warm_start and damping > 0 else [])
+        if any(w is not None for w in warm):
+            # a parameter without one (in no group, or just unfrozen) starts from 0
+            x0 = torch.cat([(torch.zeros_like(p) if w is None else w).reshape(-1)
+                            for p, w in zip(params, warm)])
             x0 = x0.mul_(self.warm_start_decay).to(g.dtype)
         method = self._resolve_method(op, x0)
         op.watch.last_only = method == "cg" and op.device.type == "cpu"  # CG's host loop
@@ -864,9 +868,11 @@ class NGD(torch.optim.Optimizer):
                        f"NaN or Inf in the natural gradient returned by {result.method}",
                        stats, t0)
             return loss
-        if self.warm_start:
+        if self.warm_start:  # kept for grouped parameters only: torch's state_dict maps those
+            ungrouped = {id(p) for p in self._ungrouped}
             for p, chunk in zip(params, op.unflatten(n)):
-                self.state[p]["warm_start"] = chunk.clone()
+                if id(p) not in ungrouped:
+                    self.state[p]["warm_start"] = chunk.clone()
 
         in_group = {id(p) for group in self.param_groups for p in group["params"]}
         rates = [lr[id(p)] if id(p) in in_group else 0.0 for p in params]
@@ -1068,10 +1074,10 @@ class NGD(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """The whole optimizer, for ``copy.deepcopy`` and pickle (torch's own keeps only the
         defaults, state and groups, which would leave an NGD without its model or damping).
-        As with torch's optimizers, hooks are not carried. The tables keyed by
-        ``id(parameter)`` are rebuilt on the other side; the workspace's buffers are scratch."""
+        As with torch's optimizers, hooks are not carried. The names keyed by ``id(parameter)``
+        are rebuilt on the other side; the workspace's buffers are scratch."""
         state = {key: value for key, value in self.__dict__.items()
-                 if not key.endswith("_hooks") and key not in ("_names", "_model_param_ids")}
+                 if not key.endswith("_hooks") and key != "_names"}
         state["workspace"] = Workspace()
         return state
 
@@ -1079,7 +1085,6 @@ class NGD(torch.optim.Optimizer):
         super().__setstate__(state)
         if "model" in state:
             self._names = {id(p): name for name, p in self.model.named_parameters()}
-            self._model_param_ids = {id(p) for p in self.model.parameters()}
 
     def __repr__(self) -> str:
         return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "

@@ -129,3 +129,24 @@ def test_a_backward_that_cannot_be_differentiated_again_is_an_error_not_a_zero()
     rounded = nn.Sequential(model, nn.Linear(5, 3).double())
     rounded[0][1].register_forward_hook(lambda m, args, out: out + (out * 0).round())
     AutogradLinearization(rounded, (x,))
+
+
+def test_a_parameter_added_to_the_output_is_linked():
+    """``z = lin(x) + offset`` with offset shaped like z: its gradient is the cotangent itself
+    (no grad_fn), which depends on u, not a cut graph."""
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+            self.offset = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.lin(x) + self.offset
+
+    torch.manual_seed(4)
+    model = Offset()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lin = AutogradLinearization(model, (x,))
+    f, params = _functional(model, x)
+    v = tuple(torch.randn_like(p) for p in params)
+    torch.testing.assert_close(lin.jvp(list(v)), jvp(f, params, v)[1])

@@ -955,3 +955,46 @@ def test_the_cached_trace_follows_the_attributes_forward_reads():
     check_against_oracle(model, (x,))
     model.temperature = 0.5
     check_against_oracle(model, (x,))
+
+
+def test_a_hooked_dropout_is_still_the_identity():
+    """A hook (say, logging on every module) makes Dropout an opaque node; it must still be
+    the identity, as every dropout is in the linearization, not draw a mask."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).to(F64)
+    model[2].register_forward_hook(lambda mod, args, out: None)
+    x = torch.randn(7, 4, dtype=F64)
+    without = nn.Sequential(model[0], model[1], model[3])
+    lin = check_against_oracle(model, (x,), oracle_model=without)
+    v = [torch.randn_like(p) for p in lin.params]
+    torch.testing.assert_close(build_engine(model, (x,)).jvp(v), lin.jvp(v), rtol=0, atol=0)
+
+
+class _Square(torch.autograd.Function):  # no jvp: forward mode would fail on it
+    @staticmethod
+    def forward(w):
+        return w * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return 2 * w * g
+
+
+class _Shift(nn.Module):  # a user layer without submodules: an opaque node
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, dtype=F64))
+
+    def forward(self, x):
+        return x + _Square.apply(self.w)  # d/dx is the cotangent itself: no grad_fn
+
+
+def test_an_opaque_layer_whose_input_passes_straight_through():
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(3, 4), _Shift(), nn.Linear(4, 2)).to(F64)
+    check_against_oracle(model, (torch.randn(5, 3, dtype=F64),), reverse_only=True)

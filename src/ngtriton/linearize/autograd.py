@@ -18,24 +18,12 @@ backend, the one with a double backward.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .base import check_tangents
-from .rules import DROPOUT_FUNCS, math_attention, reaching
-
-
-class _WithoutDropout(TorchFunctionMode):
-    """Every dropout function returns its input: the deterministic network, as the engine's."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        if func in DROPOUT_FUNCS:
-            return args[0] if args else (kwargs or {})["input"]
-        return func(*args, **(kwargs or {}))
+from .rules import WithoutDropout, depends_on, math_attention, reaching
 
 
 class AutogradLinearization:
@@ -44,7 +32,7 @@ class AutogradLinearization:
     def __init__(self, model: nn.Module, inputs: Sequence[object]) -> None:
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         with torch.enable_grad(), math_attention():
-            with _WithoutDropout():
+            with WithoutDropout():
                 out = model(*inputs)
             if not isinstance(out, Tensor):
                 raise TypeError(f"model: expected the forward to return a Tensor, "
@@ -61,7 +49,7 @@ class AutogradLinearization:
         # silently miss that parameter.
         on_u = reaching([gr.grad_fn for gr in grads if gr is not None], self._dummy)
         severed = [i for i, gr in enumerate(grads) if gr is not None
-                   and gr.grad_fn not in on_u and bool(gr.any())]
+                   and not depends_on(gr, on_u) and bool(gr.any())]
         if severed:
             raise RuntimeError(
                 f"model: the gradient of {len(severed)} parameter(s) (the first has shape "
@@ -69,7 +57,8 @@ class AutogradLinearization:
                 "J·v cannot be formed by double backward (a custom autograd.Function with "
                 "@once_differentiable, or a backward that is not differentiable?); give it a "
                 "differentiable backward or make the model traceable by the per-module engine")
-        self._linked = [i for i, gr in enumerate(grads) if gr is not None and gr.grad_fn in on_u]
+        self._linked = [i for i, gr in enumerate(grads)
+                        if gr is not None and depends_on(gr, on_u)]
         self._grads = [grads[i] for i in self._linked]
 
     def jvp(self, tangents: Sequence[Tensor]) -> Tensor:

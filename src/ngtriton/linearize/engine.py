@@ -12,7 +12,8 @@ What the engine differentiates:
   parameters and buffers are constants;
 * the deterministic network: every dropout (module or ``F.dropout``, any mode) is the identity,
   in the forward and in both products, so the Fisher is the one of the network without dropout.
-  (A dropout hidden inside a module without a rule runs as that module runs it, once.)
+  (A dropout inside a module without a rule is the identity too: opaque nodes run with the
+  ``F.dropout`` family switched off.)
 
 Which modules are traced through and which are nodes: modules with a rule (Linear, LayerNorm,
 Embedding, activations, dropout, Flatten/Unflatten, Identity) and torch.nn's other built-in layers
@@ -69,6 +70,7 @@ from .rules import (
     ScaleStep,
     Step,
     TupleItemStep,
+    WithoutDropout,
     build_linear_fn,
 )
 
@@ -240,6 +242,9 @@ def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Gr
                                 f"({type(err).__name__}: {first})") from err
     _reject_visible_mutation(graph, model)
     if key is not None:
+        if cached is not None and str(graph) == str(cached[1]):
+            graph = cached[1]  # a flag or an attribute changed, the trace did not
+            graph.__dict__.pop("_ngtriton_plan", None)  # the plan reads flags: make it anew
         _TRACE_CACHE[model] = (key, graph)
     return graph
 
@@ -295,7 +300,9 @@ class _Plan:
 
 
 def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
-    """What a traced graph depends on: the module tree, train/eval flags, specialised inputs."""
+    """What a traced graph depends on: the module tree, train/eval flags, hooks, specialised
+    inputs and the plain attributes of traced-through modules. (A forward that updates one on
+    every call, a counter, is traced again at every build: correct, slower.)"""
     try:
         spec = tuple(sorted((k, v) for k, v in concrete.items()))
         hash(spec)
@@ -556,7 +563,11 @@ class _Builder:
         """``run(args, kwargs)`` executes the node (in-place methods out of place if asked)."""
         if node.op == "call_module":
             mod = self.root.get_submodule(str(node.target))
-            return lambda a, k: mod(*a, **k)
+
+            def call(a: tuple, k: dict) -> Any:
+                with WithoutDropout():
+                    return mod(*a, **k)
+            return call
         if node.op == "call_method":
             name = _method_name(node) if out_of_place else str(node.target)
             return lambda a, k: getattr(a[0], name)(*a[1:], **k)
@@ -769,7 +780,8 @@ class _Builder:
         def run(a: tuple, k: dict, ps: tuple) -> Any:
             if clone_inputs:
                 a = tuple(t.clone() if isinstance(t, Tensor) else t for t in a)
-            return torch.func.functional_call(mod, dict(zip(names, ps)), a, k)
+            with WithoutDropout():  # a dropout inside (or a hooked Dropout) is the identity too
+                return torch.func.functional_call(mod, dict(zip(names, ps)), a, k)
 
         fn = self._closure(node, run, active, consts, with_rest=True)
         primals = [self.values[n] for n in active] + [p.detach() for _, p in named]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 Cot = Any  # a Tensor, a tuple of (Tensor | None) for tuple-valued nodes, or None
 
@@ -58,9 +59,26 @@ def reaching(roots: list[Any], *leaves: Tensor) -> set[Any]:
     return good
 
 
+def depends_on(grad: Tensor, on: set[Any]) -> bool:
+    """Whether a gradient computed with ``create_graph`` depends on the cotangents whose
+    dependents are ``on`` (from :func:`reaching`). A gradient without a ``grad_fn`` that still
+    requires grad is a cotangent itself (an identity path, e.g. ``h + θ``)."""
+    return grad.grad_fn in on if grad.grad_fn is not None else grad.requires_grad
+
+
 # The dropout functions (modules call them): the identity in every linearization.
 DROPOUT_FUNCS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                            F.feature_alpha_dropout})
+
+
+class WithoutDropout(TorchFunctionMode):
+    """Every dropout function returns its input: the deterministic network, as the engine's."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func in DROPOUT_FUNCS:
+            return args[0] if args else (kwargs or {})["input"]
+        return func(*args, **(kwargs or {}))
 
 
 def math_attention() -> contextlib.AbstractContextManager:
@@ -523,7 +541,7 @@ class AutogradStep(Step):
             # Jᵀu is linear in u, so it depends on u unless the backward is not differentiable
             # (e.g. @once_differentiable; it may still depend on the leaves)
             on_u = reaching([gr.grad_fn for _, gr in self.lin], *self.u)
-            self.forward_mode = any(gr.grad_fn not in on_u for _, gr in self.lin)
+            self.forward_mode = not all(depends_on(gr, on_u) for _, gr in self.lin)
         except RuntimeError:
             self.forward_mode = True
         if self.forward_mode:
