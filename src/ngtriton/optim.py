@@ -200,6 +200,11 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     return tuple(bound.arguments[p.name] for p in params), {}
 
 
+def _names_by_id(model: nn.Module) -> dict[int, str]:
+    """Parameter names for messages, keyed by ``id`` (tensors hash by identity anyway)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
 class _BoundKwargs(nn.Module):
     """``model(*args, **kwargs)`` with the keyword arguments bound, for the Fisher's forward."""
 
@@ -399,7 +404,7 @@ class NGD(torch.optim.Optimizer):
         self._set_trainable(trainable)
         self.workspace = Workspace()  # the step's flat vectors on the CPU (see _step)
         self._full_trials = False  # set once a closure cannot run in evaluation mode
-        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._names = _names_by_id(model)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
         # Optimizer-wide state (what state_dict() must carry beyond the per-parameter state).
@@ -563,20 +568,18 @@ class NGD(torch.optim.Optimizer):
         try:
             for p in self._trainable:
                 p.grad = None
-            if not self._full_trials:
-                try:
-                    return self._call_for_loss(closure, rng, leaves=True)
-                except (ValueError, TypeError):
-                    raise
-                except RuntimeError as err:  # e.g. autograd.grad(loss, params) needs their grad
-                    if not _NEEDS_GRAD.search(str(err)):
-                        raise  # the closure's own error: it reaches the caller
-                    for p in self._trainable:
-                        p.grad = None
-                    value = self._call_for_loss(closure, rng, leaves=False)
-                    self._full_trials = True  # it runs as it is: do that from now on
-                    return value
-            return self._call_for_loss(closure, rng, leaves=False)
+            if self._full_trials:
+                return self._call_for_loss(closure, rng, leaves=False)
+            try:
+                return self._call_for_loss(closure, rng, leaves=True)
+            except RuntimeError as err:  # e.g. autograd.grad(loss, params) needs their grad
+                if not _NEEDS_GRAD.search(str(err)):
+                    raise  # the closure's own error: it reaches the caller
+            for p in self._trainable:  # whatever the failed call left
+                p.grad = None
+            value = self._call_for_loss(closure, rng, leaves=False)
+            self._full_trials = True  # it runs as it is: do that from now on
+            return value
         finally:
             for p, grad in zip(self._trainable, saved_grads):
                 p.grad = grad
@@ -868,13 +871,12 @@ class NGD(torch.optim.Optimizer):
                        f"NaN or Inf in the natural gradient returned by {result.method}",
                        stats, t0)
             return loss
+        in_group = {id(p) for group in self.param_groups for p in group["params"]}
         if self.warm_start:  # kept for grouped parameters only: torch's state_dict maps those
-            ungrouped = {id(p) for p in self._ungrouped}
             for p, chunk in zip(params, op.unflatten(n)):
-                if id(p) not in ungrouped:
+                if id(p) in in_group:
                     self.state[p]["warm_start"] = chunk.clone()
 
-        in_group = {id(p) for group in self.param_groups for p in group["params"]}
         rates = [lr[id(p)] if id(p) in in_group else 0.0 for p in params]
         uniform = len(set(rates)) == 1
         chunks = torch.split_with_sizes(n, self._sizes)
@@ -1084,7 +1086,7 @@ class NGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "model" in state:
-            self._names = {id(p): name for name, p in self.model.named_parameters()}
+            self._names = _names_by_id(self.model)
 
     def __repr__(self) -> str:
         return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "

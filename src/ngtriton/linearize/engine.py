@@ -23,8 +23,8 @@ A module with forward hooks or a parametrization (``weight_norm``, ``register_pa
 never gets a rule: it runs as an opaque node, by calling it, so its hooks and parametrizations
 act as in eager PyTorch; hooks on the model itself or global module hooks make the build raise
 :class:`EngineUnsupported` (the caller falls back to whole-model autograd). The trace is cached
-per model and invalidated when a module's plain Python attributes (numbers, flags, strings)
-change, since ``forward`` may branch on them; globals it reads are not watched.
+per model and invalidated when a plain Python attribute (number, flag, string) of a module it
+traces through changes, since ``forward`` may branch on it; globals it reads are not watched.
 The cache holds references to the parameters; updating them in place invalidates it (products
 then raise); build a new linearization after each optimizer step.
 """
