@@ -800,6 +800,91 @@ def _keyword_closure(opt, model, x, y, scale):
     return closure
 
 
+class _DictBatch(nn.Module):
+    """A model fed a dict batch with a list inside, as data loaders of records produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, batch):
+        scale, shift = batch["affine"]
+        return self.net(batch["x"]) * scale + shift
+
+
+def test_a_trial_on_another_batch_warns_once(recwarn):
+    """A closure that fetches its own batch (a loader's iterator) makes the trial measure ρ on
+    the next batch: NGD says so, once. Equal tensors rebuilt by the closure, or a batch drawn
+    from torch's generator (replayed for the trial), are the same batch: no warning."""
+    model = tiny_mlp()
+    batches = iter([batch(8, seed=s) for s in range(8)])
+    opt = NGD(model)
+
+    def fetching():
+        x, y = next(batches)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(fetching)
+    other = [w for w in recwarn if "other inputs than the first call" in str(w.message)]
+    assert len(other) == 1 and other[0].filename == __file__
+    recwarn.clear()
+    x, y = batch(8)
+    for draws in (lambda: (x.clone(), y), lambda: (torch.randn(8, 4, dtype=x.dtype), y)):
+        opt = NGD(model)
+
+        def rebuilt(draws=draws, opt=opt):
+            xb, yb = draws()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+        for _ in range(2):
+            opt.step(rebuilt)
+    assert not [w for w in recwarn if "other inputs" in str(w.message)]
+
+
+def test_container_inputs_use_the_engine_and_match_the_oracle(recwarn):
+    model, (x, y) = _DictBatch(), batch(12)
+    affine = [torch.rand(12, 1, dtype=torch.float64) + 0.5, 0.25]
+    inputs = {"x": x, "affine": affine}
+    lam = 0.05
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner({"x": x, "affine": affine})
+    Fd, g = dense_fisher(Flat(), x, y, "categorical")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
+    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
+              maxiter=500, method="cg")
+    opt.step(make_closure(opt, model, inputs, y))
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    assert not [w for w in recwarn if "falling back" in str(w.message)]
+
+
+def test_curvature_subsample_takes_the_same_rows_inside_containers():
+    model, (x, y) = _DictBatch(), batch(20)
+    rows = torch.arange(20, dtype=torch.float64)
+    x[:, 0] = rows
+    inputs = ({"x": x, "affine": [rows[:, None], 1.0]},)
+    opt = NGD(model, curvature_fraction=0.25)
+    (got,), kwargs, targets = opt._curvature_inputs(inputs, {"mask": [rows]}, rows)
+    taken = targets
+    assert taken.shape == (5,) and len(set(taken.tolist())) == 5
+    assert torch.equal(got["x"][:, 0], taken) and torch.equal(got["affine"][0][:, 0], taken)
+    assert got["affine"][1] == 1.0 and torch.equal(kwargs["mask"][0], taken)
+    with pytest.raises(ValueError, match=r"^inputs\[0\]\['x'\]: .*torch.float32"):
+        opt.step(make_closure(opt, model, {"x": x.float(), "affine": [1.0, 0.0]}, y))
+
+
 def test_unfrozen_layers_with_warm_start_checkpoint_and_new_modules_join_groups():
     """A layer unfrozen without a group joins F with a zero warm start (its state is not kept:
     torch's state_dict maps grouped parameters only); a head swapped in after construction can

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
 from .linearize import ForwardRecord, Linearization, linearize, resolve_backend
@@ -71,14 +72,27 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
     if len(dtypes) > 1:
         raise ValueError(f"model: all trainable parameters must share one dtype, got {dtypes}")
     ref = params[0]
-    for i, x in enumerate(inputs):
-        if not isinstance(x, Tensor):
-            continue
+    for name, x in input_tensors(inputs):
         if x.device != ref.device:
-            raise ValueError(f"inputs[{i}]: on device {x.device}, the model is on {ref.device}")
+            raise ValueError(f"{name}: on device {x.device}, the model is on {ref.device}")
         if x.dtype.is_floating_point and x.dtype != ref.dtype:
-            raise ValueError(f"inputs[{i}]: dtype {x.dtype} does not match the model's {ref.dtype}")
+            raise ValueError(f"{name}: dtype {x.dtype} does not match the model's {ref.dtype}")
     return params
+
+
+def input_tensors(args: Sequence[Any], kwargs: dict[str, Any] | None = None
+                  ) -> list[tuple[str, Tensor]]:
+    """The tensors among a model's inputs, also inside tuples, lists and dicts, each with its
+    name for error messages (``inputs[0]['x']``)."""
+    found = []
+    for prefix, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)),
+                          *((f"inputs[{k!r}]", v) for k, v in (kwargs or {}).items())]:
+        if isinstance(value, Tensor):
+            found.append((prefix, value))
+            continue
+        leaves = pytree.tree_flatten_with_path(value)[0]
+        found += [(prefix + pytree.keystr(path), t) for path, t in leaves if isinstance(t, Tensor)]
+    return found
 
 
 def _rows(targets: Any, out_shape: torch.Size) -> Any:
@@ -98,7 +112,8 @@ class FisherOperator:
 
     Args:
         model: the network; its forward is run once, here, as ``model(*inputs)``.
-        inputs: a tensor or a tuple of positional inputs.
+        inputs: a tensor or a tuple of positional inputs (tensors, None, numbers, or
+            tuples, lists and dicts of them).
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a
             :class:`~ngtriton.likelihoods.Likelihood`.
         targets: observed labels; needed for the gradient and for ``fisher="empirical"``.

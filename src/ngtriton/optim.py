@@ -15,14 +15,16 @@ import inspect
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from .fisher import FISHER_TYPES, FisherOperator
+from .fisher import FISHER_TYPES, FisherOperator, input_tensors
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS, ForwardRecord
 from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, Workspace, solve
@@ -200,6 +202,16 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     return tuple(bound.arguments[p.name] for p in params), {}
 
 
+def _same_tensors(first: tuple, second: tuple) -> bool:
+    """Whether two calls' ``(args, kwargs)`` hold the same tensors (the same objects, or equal
+    ones: a closure may rebuild its batch from the same data)."""
+    a, b = input_tensors(*first), input_tensors(*second)
+    return len(a) == len(b) and all(
+        na == nb and (x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+                                 and bool(torch.equal(x, y))))
+        for (na, x), (nb, y) in zip(a, b))
+
+
 def _names_by_id(model: nn.Module) -> dict[int, str]:
     """Parameter names for messages, keyed by ``id`` (tensors hash by identity anyway)."""
     return {id(p): name for name, p in model.named_parameters()}
@@ -264,7 +276,9 @@ class NGD(torch.optim.Optimizer):
     (and the model's GPU) random generators are replayed for it, so the trial sees the same
     dropout masks, and the same batch if the closure draws it with torch's generator (not one of
     its own, ``random``/NumPy or a DataLoader); after the step they stand where the first call
-    left them. The reduction ratio
+    left them. A trial that runs the model on other input tensors than the first call did (a
+    closure that fetches its own batch) gets a warning, once: fix the batch outside the
+    closure. The reduction ratio
     ``ρ = (f(θ+δ) − f(θ)) / (gᵀδ + ½δᵀ(F + λI + W)δ)`` (``W``: the weight decay; one extra
     Fisher product) drives the LM rule: ``λ ← λ·damping_increase`` (3/2) if ρ < 1/4,
     ``λ ← λ·damping_decrease`` (2/3) if ρ > 3/4, clipped to ``[damping_floor, damping_ceiling]``.
@@ -404,6 +418,7 @@ class NGD(torch.optim.Optimizer):
         self._set_trainable(trainable)
         self.workspace = Workspace()  # the step's flat vectors on the CPU (see _step)
         self._full_trials = False  # set once a closure cannot run in evaluation mode
+        self._warned_batch = False  # the trial saw another batch (warned once)
         self._names = _names_by_id(model)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -480,11 +495,7 @@ class NGD(torch.optim.Optimizer):
         ref = self._trainable[0]
         same_dtype = all(p.dtype == ref.dtype for p in self._trainable)
         same_device = all(p.device == ref.device for p in self._trainable)
-        named = [(f"inputs[{i}]", a) for i, a in enumerate(args)]
-        named += [(f"inputs[{k!r}]", v) for k, v in kwargs.items()]
-        for name, x in named:
-            if not isinstance(x, Tensor):
-                continue
+        for name, x in input_tensors(args, kwargs):
             if same_device and x.ndim > 0 and x.device != ref.device:
                 raise ValueError(f"{name}: the model was called (in the closure) with a tensor "
                                  f"on device {x.device}, but its parameters are on {ref.device}; "
@@ -547,7 +558,8 @@ class NGD(torch.optim.Optimizer):
         raise TypeError(f"closure: must return the loss as a Tensor or a number, got "
                         f"{type(loss).__name__}")
 
-    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor]) -> float:
+    def _evaluate(self, closure: Callable[[], Any], rng: list[Tensor], inputs: tuple
+                  ) -> float:
         """The closure's loss at the current parameters, at the cost of about one forward.
 
         The parameters stop requiring grad for the call (grad mode itself stays on, so a model
@@ -563,7 +575,29 @@ class NGD(torch.optim.Optimizer):
         torch's generator); :meth:`step` puts them back where the first call left them. The
         ``.grad`` tensors of the first call are set aside meanwhile (a closure that zeroes them
         in place must not wipe them) and put back afterwards.
+
+        ``inputs``: the first call's ``(args, kwargs)`` of the model. A trial that calls the
+        model with other tensors (a closure that fetches its own batch) measures ρ across two
+        batches: a warning says so, once per optimizer.
         """
+        seen: list[tuple] = []
+        handle = self.model.register_forward_pre_hook(
+            lambda _, args, kwargs: None if seen else seen.append((args, kwargs)),
+            with_kwargs=True)
+        try:
+            value = self._trial_loss(closure, rng, seen)
+        finally:
+            handle.remove()
+        if seen and not self._warned_batch and not _same_tensors(inputs, seen[0]):
+            self._warned_batch = True
+            warnings.warn("closure: the trial call ran the model on other inputs than the first "
+                          "call, so ρ and the step rejection compare the losses of two different "
+                          "batches; fix the batch outside the closure (as for LBFGS), or pass "
+                          "adaptive_damping=False, reject_steps=False", stacklevel=5)
+        return value
+
+    def _trial_loss(self, closure: Callable[[], Any], rng: list[Tensor], seen: list) -> float:
+        """:meth:`_evaluate`'s call of the closure (``seen``: the inputs its hook caught)."""
         saved_grads = [p.grad for p in self._trainable]
         try:
             for p in self._trainable:
@@ -577,6 +611,7 @@ class NGD(torch.optim.Optimizer):
                     raise  # the closure's own error: it reaches the caller
             for p in self._trainable:  # whatever the failed call left
                 p.grad = None
+            seen.clear()
             value = self._call_for_loss(closure, rng, leaves=False)
             self._full_trials = True  # it runs as it is: do that from now on
             return value
@@ -627,7 +662,7 @@ class NGD(torch.optim.Optimizer):
         ``targets``, which must then stay aligned with the inputs)."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
-        first = next((a for a in args if isinstance(a, Tensor) and a.ndim > 0), None)
+        first = next((a for _, a in input_tensors(args) if a.ndim > 0), None)
         if first is None:
             return args, kwargs, targets
         n = first.shape[0]
@@ -640,8 +675,9 @@ class NGD(torch.optim.Optimizer):
             return a.index_select(0, idx.to(a.device)) if isinstance(a, Tensor) and a.ndim > 0 \
                 and a.shape[0] == n else a
 
-        return (tuple(take(a) for a in args), {k_: take(v) for k_, v in kwargs.items()},
-                take(targets))
+        # also inside tuples, lists and dicts of inputs
+        args, kwargs = pytree.tree_map(take, (tuple(args), kwargs))
+        return args, kwargs, take(targets)
 
     def _resolve_method(self, op: Any, x0: Tensor | None) -> str:
         """``"auto"``: the exact sample-space solve when it costs fewer products than the capped
@@ -961,7 +997,7 @@ class NGD(torch.optim.Optimizer):
             return loss
 
         try:
-            trial = self._evaluate(closure, rng)
+            trial = self._evaluate(closure, rng, (args, kwargs))
         except BaseException:
             restore()
             raise

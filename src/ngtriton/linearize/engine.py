@@ -34,9 +34,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import enum
 import inspect
 import math
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from torch import Tensor, nn
 from torch.fx.node import Node, map_arg
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from . import ops_torch
 from .base import check_tangents
@@ -214,27 +217,56 @@ def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
     return list(params)
 
 
-def _trace(model: nn.Module, inputs: Sequence[Any], cache: bool = True) -> fx.Graph:
+def _holes(value: Any) -> Any:
+    """``value`` with every tensor inside it (a tuple, list or dict of them) replaced by fx's
+    placeholder marker: the trace then takes those tensors as inputs and specialises the rest
+    (the structure, None, numbers)."""
+    return fx.PH if isinstance(value, Tensor) else pytree.tree_map(
+        lambda v: fx.PH if isinstance(v, Tensor) else v, value)
+
+
+def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
+                      ) -> tuple[dict[str, Any], list[Any]]:
+    """The trace's ``concrete_args`` and the values of its placeholders, in order.
+
+    Where ``forward`` takes positional parameters only, a non-tensor input (and the default of
+    a parameter not given) is specialised: None and numbers as values, containers as their
+    structure with their tensors as inputs. fx makes one placeholder per pytree leaf of a
+    specialised value, so the placeholder values are the flattened inputs."""
     sig_params = _forward_params(model)
-    concrete: dict[str, Any] = {}
     positional = [p for p in sig_params
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if sig_params and len(positional) == len(sig_params):
-        if len(inputs) > len(positional):
-            raise EngineUnsupported(f"{type(model).__name__}.forward takes {len(positional)} "
-                                    f"inputs, got {len(inputs)}")
-        for i, p in enumerate(positional):
-            if i < len(inputs):
-                if not isinstance(inputs[i], Tensor):
-                    concrete[p.name] = inputs[i]  # specialise non-tensor inputs (None, ints)
-            elif p.default is not p.empty:
-                concrete[p.name] = p.default
+    if not sig_params or len(positional) != len(sig_params):
+        return {}, list(inputs)
+    if len(inputs) > len(positional):
+        raise EngineUnsupported(f"{type(model).__name__}.forward takes {len(positional)} "
+                                f"inputs, got {len(inputs)}")
+    concrete: dict[str, Any] = {}
+    flat: list[Any] = []
+    for i, p in enumerate(positional):
+        if i < len(inputs):
+            value = inputs[i]
+            if isinstance(value, Tensor):
+                flat.append(value)
+                continue
+        elif p.default is not p.empty:
+            value = p.default
+        else:
+            continue  # not given: the build says so
+        concrete[p.name] = _holes(value)
+        flat.extend(pytree.tree_leaves(value))
+    return concrete, flat
+
+
+def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True) -> fx.Graph:
     key = _trace_key(model, concrete) if cache else None
     cached = _TRACE_CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        with warnings.catch_warnings():  # fx's note that it cannot check an object input
+            warnings.filterwarnings("ignore", "Was not able to add assertion")
+            graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
         msg = str(err).strip().splitlines()
         first = msg[0] if msg else ""
@@ -303,18 +335,20 @@ def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
     """What a traced graph depends on: the module tree, train/eval flags, hooks, specialised
     inputs and the plain attributes of traced-through modules. (A forward that updates one on
     every call, a counter, is traced again at every build: correct, slower.)"""
-    try:
-        spec = tuple(sorted((k, v) for k, v in concrete.items()))
-        hash(spec)
-    except TypeError:
-        return None
+    spec = []
+    for name, value in sorted(concrete.items()):
+        leaves, structure = pytree.tree_flatten(value)
+        if not all(v is fx.PH or isinstance(v, _KEYS) for v in leaves):
+            return None  # an object whose equality says nothing of its contents: trace anew
+        spec.append((name, tuple(leaves), structure))
     leaf = _TRACER.is_leaf_module
     return (tuple((name, id(m), type(m), m.training, _plain(m),
                    None if leaf(m, name) else _attributes(m))
-                  for name, m in model.named_modules()), spec)
+                  for name, m in model.named_modules()), tuple(spec))
 
 
 _SCALARS = (bool, int, float, str, type(None))
+_KEYS = (*_SCALARS, complex, enum.Enum, torch.dtype, torch.device, torch.Size)  # trace keys
 
 
 def _attributes(m: nn.Module) -> tuple:
@@ -498,6 +532,8 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     The fx graph is traced once per model and reused by later builds while the module tree,
     the train/eval flags and the non-tensor inputs stay the same (``cache_trace=False`` or
     :func:`clear_trace_cache` after changing a Python attribute that ``forward`` branches on).
+    Inputs may be tuples, lists or dicts of tensors (nested): they are traced by structure,
+    with their tensors as inputs (see :func:`_signature_inputs`).
 
     ``record``: a :class:`~ngtriton.linearize.record.ForwardRecord` of ``model(*inputs)`` at the
     current parameters; Linear and activation outputs it holds are reused, not recomputed.
@@ -511,8 +547,9 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         raise EngineUnsupported("global module forward hooks are registered (the rules do not "
                                 "run them)")
-    graph = _trace(model, inputs, cache=cache_trace)
-    return _Builder(model, graph, inputs, ops, record).build()
+    concrete, flat = _signature_inputs(model, inputs)
+    graph = _trace(model, concrete, cache=cache_trace)
+    return _Builder(model, graph, tuple(flat), ops, record).build()
 
 
 class _Builder:
@@ -661,6 +698,11 @@ class _Builder:
                             f"{type(err).__name__}: {err}") from err
 
         out_arg = out_node.args[0]
+        codegen = getattr(self.graph, "_codegen", None)
+        if isinstance(codegen, fx.graph._PyTreeCodeGen) and isinstance(out_arg, list | tuple) \
+                and codegen.pytree_info.out_spec is not None \
+                and codegen.pytree_info.out_spec.is_leaf() and len(out_arg) == 1:
+            out_arg = out_arg[0]  # inputs given as containers: fx returns the flat outputs
         out_val = self._val(out_arg)
         if not isinstance(out_val, Tensor):
             raise EngineUnsupported(f"the model returns {type(out_val).__name__}; the engine "
