@@ -860,6 +860,19 @@ def test_linearize_dispatch_uses_engine():
     assert isinstance(lin, EngineLinearization)
 
 
+def test_inputs_the_model_rejects_raise_its_error_without_a_fallback_warning():
+    """A wrong input shape fails in the engine and in the fallback alike: the user sees torch's
+    own error (with the engine's reason as a note), not a warning about the engine first."""
+    from ngtriton.linearize import linearize
+
+    model = mlp(nn.Tanh).to(F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="mat1 and mat2") as info:
+            linearize(model, (torch.randn(3, 4, dtype=F64),), backend="torch")
+    assert any("engine had failed first" in note for note in info.value.__notes__)
+
+
 class _MutatesSharedValue(nn.Module):
     def __init__(self, mode: str):
         super().__init__()

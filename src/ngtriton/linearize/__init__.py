@@ -56,6 +56,14 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     try:
         return build_engine(model, inputs, ops, record=record)
     except EngineUnsupported as err:
-        warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({err}); "
-                      "falling back to whole-model autograd (correct, slower)", stacklevel=3)
-        return AutogradLinearization(model, inputs)
+        reason = err
+    # Warned only once the fallback has run: a model that fails on these inputs anyway (a
+    # wrong shape) raises its own error, without a warning about the engine first.
+    try:
+        lin = AutogradLinearization(model, inputs)
+    except Exception as err:
+        err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")
+        raise
+    warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({reason}); "
+                  "falling back to whole-model autograd (correct, slower)", stacklevel=3)
+    return lin
