@@ -832,7 +832,11 @@ def test_a_trial_on_another_batch_warns_once(recwarn):
     assert len(other) == 1 and other[0].filename == __file__
     recwarn.clear()
     x, y = batch(8)
-    for draws in (lambda: (x.clone(), y), lambda: (torch.randn(8, 4, dtype=x.dtype), y)):
+    nan_x = x.clone()
+    nan_x[0, 0] = math.nan  # NaN ≠ NaN, yet a copy of it is the same batch
+    model = _NanToNum()
+    for draws in (lambda: (x.clone(), y), lambda: (torch.randn(8, 4, dtype=x.dtype), y),
+                  lambda: (nan_x.clone(), y)):
         opt = NGD(model)
 
         def rebuilt(draws=draws, opt=opt):
@@ -843,7 +847,64 @@ def test_a_trial_on_another_batch_warns_once(recwarn):
             return loss
         for _ in range(2):
             opt.step(rebuilt)
+        assert opt.last_stats.trial_loss == opt.last_stats.trial_loss  # a trial ran
     assert not [w for w in recwarn if "other inputs" in str(w.message)]
+
+
+class _NanToNum(nn.Module):
+    """Inputs with missing values (NaN), which the model replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x):
+        return self.net(torch.nan_to_num(x))
+
+
+class _Graph(nn.Module):
+    """Node features through a sparse adjacency the closure builds: torch cannot compare
+    sparse tensors, so the trial's batch check must not try."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, adj):
+        return self.out(torch.tanh(torch.sparse.mm(adj, self.lin(x))))
+
+
+@pytest.mark.filterwarnings("ignore:ngtriton. the per-module engine")
+def test_sparse_inputs_rebuilt_by_the_closure_step_and_a_scheduler_keeps_warnings_in_user_code(
+        recwarn):
+    torch.manual_seed(3)
+    model, (x, y) = _Graph().double(), batch(8)
+    edges = torch.randint(0, 8, (2, 20))
+    opt = NGD(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+
+    def closure():
+        adj = torch.sparse_coo_tensor(edges, torch.ones(20, dtype=x.dtype), (8, 8))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x, adj), y)
+        loss.backward()
+        return loss
+    for _ in range(2):
+        opt.step(closure)
+        scheduler.step()
+    assert opt.steps == 2 and opt.history[-1]["loss"] < opt.history[0]["loss"]
+    assert not [w for w in recwarn if "other inputs" in str(w.message)]
+    fetched = iter([batch(8, seed=s) for s in range(4)])
+
+    def fetching():
+        xb, yb = next(fetched)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb, torch.eye(8, dtype=xb.dtype).to_sparse()), yb)
+        loss.backward()
+        return loss
+    opt.step(fetching)
+    other = [w for w in recwarn if "other inputs" in str(w.message)]
+    assert len(other) == 1 and other[0].filename == __file__
 
 
 def test_container_inputs_use_the_engine_and_match_the_oracle(recwarn):
@@ -874,15 +935,21 @@ def test_curvature_subsample_takes_the_same_rows_inside_containers():
     model, (x, y) = _DictBatch(), batch(20)
     rows = torch.arange(20, dtype=torch.float64)
     x[:, 0] = rows
-    inputs = ({"x": x, "affine": [rows[:, None], 1.0]},)
+    per_feature = torch.rand(4, dtype=torch.float64)  # not batched, and first in the dict
+    inputs = ({"w": per_feature, "x": x, "affine": [rows[:, None], 1.0]},)
     opt = NGD(model, curvature_fraction=0.25)
     (got,), kwargs, targets = opt._curvature_inputs(inputs, {"mask": [rows]}, rows)
     taken = targets
     assert taken.shape == (5,) and len(set(taken.tolist())) == 5
     assert torch.equal(got["x"][:, 0], taken) and torch.equal(got["affine"][0][:, 0], taken)
     assert got["affine"][1] == 1.0 and torch.equal(kwargs["mask"][0], taken)
-    with pytest.raises(ValueError, match=r"^inputs\[0\]\['x'\]: .*torch.float32"):
-        opt.step(make_closure(opt, model, {"x": x.float(), "affine": [1.0, 0.0]}, y))
+    assert got["w"] is per_feature
+    # Through a step, the batch size is the model output's: the per-feature tensor stays whole.
+    opt.step(make_closure(opt, model, {"w": per_feature, "x": x, "affine": [1.5, 0.0]}, y))
+    assert opt.last_stats.reason in ("accepted", "rejected")
+    # Tensors inside containers are the model's business: another dtype there is no error.
+    opt.step(make_closure(opt, model, {"x": x, "affine": [rows[:, None].float(), 0.0]}, y))
+    assert opt.steps == 2
 
 
 def test_unfrozen_layers_with_warm_start_checkpoint_and_new_modules_join_groups():

@@ -72,7 +72,9 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
     if len(dtypes) > 1:
         raise ValueError(f"model: all trainable parameters must share one dtype, got {dtypes}")
     ref = params[0]
-    for name, x in input_tensors(inputs):
+    for name, x in ((f"inputs[{i}]", x) for i, x in enumerate(inputs)):
+        if not isinstance(x, Tensor):  # nor inside containers: a model may cast those itself
+            continue
         if x.device != ref.device:
             raise ValueError(f"{name}: on device {x.device}, the model is on {ref.device}")
         if x.dtype.is_floating_point and x.dtype != ref.dtype:
@@ -83,7 +85,7 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
 def input_tensors(args: Sequence[Any], kwargs: dict[str, Any] | None = None
                   ) -> list[tuple[str, Tensor]]:
     """The tensors among a model's inputs, also inside tuples, lists and dicts, each with its
-    name for error messages (``inputs[0]['x']``)."""
+    name (``inputs[0]['x']``)."""
     found = []
     for prefix, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)),
                           *((f"inputs[{k!r}]", v) for k, v in (kwargs or {}).items())]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ._frames import user_stacklevel
 from .fisher import FISHER_TYPES, FisherOperator, input_tensors
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS, ForwardRecord
@@ -203,13 +204,23 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
 
 
 def _same_tensors(first: tuple, second: tuple) -> bool:
-    """Whether two calls' ``(args, kwargs)`` hold the same tensors (the same objects, or equal
-    ones: a closure may rebuild its batch from the same data)."""
+    """Whether two calls' ``(args, kwargs)`` hold the same tensors: the same objects, or equal
+    ones (a closure may rebuild its batch from the same data), NaN matching NaN. Sparse and
+    nested tensors count as the same (torch cannot compare them cheaply)."""
     a, b = input_tensors(*first), input_tensors(*second)
-    return len(a) == len(b) and all(
-        na == nb and (x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
-                                 and bool(torch.equal(x, y))))
-        for (na, x), (nb, y) in zip(a, b))
+    return len(a) == len(b) and all(na == nb and _same_tensor(x, y) for (na, x), (nb, y)
+                                    in zip(a, b))
+
+
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    if x is y or any(t.layout != torch.strided or t.is_nested for t in (x, y)):
+        return True
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    if torch.equal(x, y):
+        return True
+    return (x.is_floating_point() or x.is_complex()) and bool(
+        ((x == y) | (x.isnan() & y.isnan())).all())
 
 
 def _names_by_id(model: nn.Module) -> dict[int, str]:
@@ -419,6 +430,7 @@ class NGD(torch.optim.Optimizer):
         self.workspace = Workspace()  # the step's flat vectors on the CPU (see _step)
         self._full_trials = False  # set once a closure cannot run in evaluation mode
         self._warned_batch = False  # the trial saw another batch (warned once)
+        self._batch_rows: int | None = None  # leading size of the closure's model output
         self._names = _names_by_id(model)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -495,7 +507,11 @@ class NGD(torch.optim.Optimizer):
         ref = self._trainable[0]
         same_dtype = all(p.dtype == ref.dtype for p in self._trainable)
         same_device = all(p.device == ref.device for p in self._trainable)
-        for name, x in input_tensors(args, kwargs):
+        named = [(f"inputs[{i}]", a) for i, a in enumerate(args)]
+        named += [(f"inputs[{k!r}]", v) for k, v in kwargs.items()]
+        for name, x in named:  # not inside containers: a model may cast those itself
+            if not isinstance(x, Tensor):
+                continue
             if same_device and x.ndim > 0 and x.device != ref.device:
                 raise ValueError(f"{name}: the model was called (in the closure) with a tensor "
                                  f"on device {x.device}, but its parameters are on {ref.device}; "
@@ -533,15 +549,23 @@ class NGD(torch.optim.Optimizer):
                 self._check_inputs(args, kwargs)
                 captured["args"], captured["kwargs"] = args, dict(kwargs)
 
-        handle = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        def rows(module: nn.Module, args: tuple, out: Any) -> None:  # the subsample's batch
+            if "rows" not in captured and isinstance(out, Tensor) and out.ndim > 0:
+                captured["rows"] = out.shape[0]
+
+        handles = [self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        if self.curvature_fraction < 1.0:
+            handles.append(self.model.register_forward_hook(rows))
         try:
             with torch.enable_grad(), record if record is not None else contextlib.nullcontext():
                 loss = closure()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if "args" not in captured:
             raise ValueError("closure: it never called the model passed to NGD, so there are no "
                              "inputs to build the Fisher at")
+        self._batch_rows = captured.get("rows")
         return loss, captured["args"], captured["kwargs"], record, rng
 
     @staticmethod
@@ -593,7 +617,8 @@ class NGD(torch.optim.Optimizer):
             warnings.warn("closure: the trial call ran the model on other inputs than the first "
                           "call, so ρ and the step rejection compare the losses of two different "
                           "batches; fix the batch outside the closure (as for LBFGS), or pass "
-                          "adaptive_damping=False, reject_steps=False", stacklevel=5)
+                          "adaptive_damping=False, reject_steps=False",
+                          stacklevel=user_stacklevel())
         return value
 
     def _trial_loss(self, closure: Callable[[], Any], rng: list[Tensor], seen: list) -> float:
@@ -658,14 +683,19 @@ class NGD(torch.optim.Optimizer):
 
     def _curvature_inputs(self, args: tuple, kwargs: dict, targets: Tensor | None
                           ) -> tuple[tuple, dict, Tensor | None]:
-        """The curvature subsample: the same random rows of every batched input (and of
-        ``targets``, which must then stay aligned with the inputs)."""
+        """The curvature subsample: the same random rows of every batched input, also inside
+        tuples, lists and dicts (and of ``targets``, which must then stay aligned with the
+        inputs). The batch size is the leading size of the model's output in the closure."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
-        first = next((a for _, a in input_tensors(args) if a.ndim > 0), None)
+        n = self._batch_rows
+        tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
+        if n is None:  # no tensor output seen: the targets' rows, else the first input's
+            lead = [targets] if isinstance(targets, Tensor) and targets.ndim > 0 else tensors
+            n = lead[0].shape[0] if lead else None
+        first = next((a for a in tensors if a.shape[0] == n), None)
         if first is None:
             return args, kwargs, targets
-        n = first.shape[0]
         k = max(1, round(self.curvature_fraction * n))
         if k >= n:
             return args, kwargs, targets

@@ -21,6 +21,7 @@ from ngtriton.linearize.base import Linearization
 from ngtriton.linearize.engine import (
     EngineLinearization,
     EngineUnsupported,
+    _Builder,
     _Tracer,
     build_engine,
     clear_trace_cache,
@@ -745,6 +746,15 @@ def test_tuple_output_raises():
     with pytest.raises(EngineUnsupported, match="tuple"):
         build_engine(Two(), (torch.randn(2, 4),))
 
+    class Named(Two):
+        def forward(self, x):
+            x = x["x"] if isinstance(x, dict) else x
+            return {"logits": self.a(x)}
+    x = torch.randn(2, 4)
+    for inputs in ((x,), ({"x": x},)):  # a tensor, and a container (fx's flat outputs)
+        with pytest.raises(EngineUnsupported, match="returns dict;"):
+            build_engine(Named(), inputs)
+
 
 def test_validation_and_staleness():
     model = mlp(nn.Tanh).to(F64)
@@ -826,6 +836,84 @@ def test_container_inputs_are_traced_by_structure():
     with _CountCalls(_Tracer, "trace") as traces:  # the last structure stays cached
         check_against_oracle(model, (*_batch(4), (torch.tensor(-1.0, dtype=F64), None)), seed=2)
         assert traces.count == 0
+
+
+class _IsTensorBatch(nn.Module):
+    """A dict batch read through ``torch.is_tensor``: fx's stand-ins are not tensors, so the
+    trace takes the other branch than eager PyTorch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, batch):
+        batch = {k: v * 2 if torch.is_tensor(v) else v for k, v in batch.items()}
+        return self.a(batch["x"])
+
+
+def test_a_container_trace_is_checked_once_against_an_eager_forward():
+    from ngtriton.linearize import linearize
+
+    model = _IsTensorBatch().to(F64)
+    inputs = ({"x": torch.randn(5, 4, dtype=F64)},)
+    clear_trace_cache()
+    with pytest.raises(EngineUnsupported, match="another function than the model"):
+        build_engine(model, inputs)
+    with _CountCalls(_Builder, "build") as builds, \
+            pytest.raises(EngineUnsupported, match="another function"):
+        build_engine(model, inputs)  # the cached trace is known wrong: refused at once
+    assert builds.count == 0
+    with pytest.warns(UserWarning, match="falling back"):
+        lin = linearize(model, inputs, backend="torch")
+    f, params = oracle(model, inputs)
+    torch.testing.assert_close(lin.outputs, f(*params))
+    class Counted(_Batch):
+        def forward(self, batch, extra, offsets=(0.5, None)):
+            self.calls.append(1)  # a list: a counter would change the trace key
+            return super().forward(batch, extra, offsets)
+
+    good = Counted().to(F64)  # traced right: one eager forward at its first build, then none
+    good.calls = []
+    build_engine(good, _batch(5))
+    assert len(good.calls) == 2  # the trace and the check
+    check_against_oracle(good, _batch(6))
+    good.calls.clear()
+    assert isinstance(build_engine(good, _batch(7)), EngineLinearization)
+    assert good.calls == []  # cached and checked: no forward of the model at all
+
+
+def test_star_args_and_keyword_only_forwards():
+    """``*args`` takes the extra inputs as one tuple (it took the first input alone, and the
+    output came out with the wrong shape); keyword-only parameters take their defaults."""
+
+    class Star(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, x, *rest, scale=2.0, **options):
+            return self.a(x) * scale + self.b(rest[0]) + rest[1]
+
+    model = Star().to(F64)
+    x, z, c = torch.randn(5, 4, dtype=F64), torch.randn(5, 2, dtype=F64), torch.randn(5, 3,
+                                                                                     dtype=F64)
+    lin = check_against_oracle(model, (x, z, c))
+    assert isinstance(lin, EngineLinearization)
+
+
+def test_the_trace_key_tells_1_from_true():
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x, opts):
+            return self.a(x) * (2.0 if opts[0] is True else 1.0)
+
+    model, x = Flagged().to(F64), torch.randn(5, 4, dtype=F64)
+    clear_trace_cache()
+    for flag in (1, True, 1.0):
+        check_against_oracle(model, (x, [flag]))
 
 
 def test_object_input_is_traced_at_every_build():

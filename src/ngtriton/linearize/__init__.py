@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._frames import user_stacklevel
 from .autograd import AutogradLinearization
 from .base import Linearization, check_tangents
 from .record import ForwardRecord
@@ -65,5 +66,6 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
         err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")
         raise
     warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({reason}); "
-                  "falling back to whole-model autograd (correct, slower)", stacklevel=3)
+                  "falling back to whole-model autograd (correct, slower)",
+                  stacklevel=user_stacklevel())
     return lin

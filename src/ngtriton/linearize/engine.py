@@ -75,6 +75,7 @@ from .rules import (
     TupleItemStep,
     WithoutDropout,
     build_linear_fn,
+    math_attention,
 )
 
 __all__ = ["EngineLinearization", "EngineUnsupported", "build_engine", "clear_trace_cache"]
@@ -227,24 +228,28 @@ def _holes(value: Any) -> Any:
 
 def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
                       ) -> tuple[dict[str, Any], list[Any]]:
-    """The trace's ``concrete_args`` and the values of its placeholders, in order.
+    """The trace's ``concrete_args`` and the values of its placeholders, in fx's order
+    (positional parameters, keyword-only ones, ``*args``, ``**kwargs``).
 
-    Where ``forward`` takes positional parameters only, a non-tensor input (and the default of
-    a parameter not given) is specialised: None and numbers as values, containers as their
-    structure with their tensors as inputs. fx makes one placeholder per pytree leaf of a
-    specialised value, so the placeholder values are the flattened inputs."""
+    A non-tensor input, and the default of a parameter not given, is specialised: None and
+    numbers as values, containers as their structure with their tensors as inputs. fx makes
+    one placeholder per pytree leaf of a specialised value, so those placeholders take the
+    flattened value; ``*args`` is one placeholder (the tuple of the extra inputs), ``**kwargs``
+    another (empty)."""
     sig_params = _forward_params(model)
+    if not sig_params:
+        return {}, list(inputs)
     positional = [p for p in sig_params
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not sig_params or len(positional) != len(sig_params):
-        return {}, list(inputs)
-    if len(inputs) > len(positional):
+    var_positional = any(p.kind == p.VAR_POSITIONAL for p in sig_params)
+    if len(inputs) > len(positional) and not var_positional:
         raise EngineUnsupported(f"{type(model).__name__}.forward takes {len(positional)} "
                                 f"inputs, got {len(inputs)}")
     concrete: dict[str, Any] = {}
     flat: list[Any] = []
-    for i, p in enumerate(positional):
-        if i < len(inputs):
+    named = [p for p in sig_params if p.kind != p.VAR_POSITIONAL and p.kind != p.VAR_KEYWORD]
+    for i, p in enumerate(named):  # positional ones first, as inspect lists them
+        if i < len(positional) and i < len(inputs):
             value = inputs[i]
             if isinstance(value, Tensor):
                 flat.append(value)
@@ -252,9 +257,13 @@ def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
         elif p.default is not p.empty:
             value = p.default
         else:
-            continue  # not given: the build says so
+            raise EngineUnsupported(f"input {p.name!r} was not given")
         concrete[p.name] = _holes(value)
         flat.extend(pytree.tree_leaves(value))
+    if var_positional:
+        flat.append(tuple(inputs[len(positional):]))
+    if any(p.kind == p.VAR_KEYWORD for p in sig_params):
+        flat.append({})
     return concrete, flat
 
 
@@ -263,6 +272,12 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True) -> fx
     cached = _TRACE_CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
+    # Tensors inside containers reach forward as fx stand-ins that are not Tensors, so a
+    # ``torch.is_tensor(v)`` over a dict batch may branch otherwise than eagerly: such a trace
+    # is checked once against an eager forward (see _agrees_with_eager).
+    unchecked = any(isinstance(v, list | tuple | dict)
+                    and any(leaf is fx.PH for leaf in pytree.tree_leaves(v))
+                    for v in concrete.values())
     try:
         with warnings.catch_warnings():  # fx's note that it cannot check an object input
             warnings.filterwarnings("ignore", "Was not able to add assertion")
@@ -273,6 +288,8 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True) -> fx
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
     _reject_visible_mutation(graph, model)
+    if unchecked:
+        graph._ngtriton_checked = False  # type: ignore[attr-defined]
     if key is not None:
         if cached is not None and str(graph) == str(cached[1]):
             graph = cached[1]  # a flag or an attribute changed, the trace did not
@@ -340,7 +357,8 @@ def _trace_key(model: nn.Module, concrete: dict[str, Any]) -> Any:
         leaves, structure = pytree.tree_flatten(value)
         if not all(v is fx.PH or isinstance(v, _KEYS) for v in leaves):
             return None  # an object whose equality says nothing of its contents: trace anew
-        spec.append((name, tuple(leaves), structure))
+        # typed: 1, 1.0 and True are equal but a forward may tell them apart
+        spec.append((name, tuple((type(v), v) for v in leaves), structure))
     leaf = _TRACER.is_leaf_module
     return (tuple((name, id(m), type(m), m.training, _plain(m),
                    None if leaf(m, name) else _attributes(m))
@@ -549,7 +567,48 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
                                 "run them)")
     concrete, flat = _signature_inputs(model, inputs)
     graph = _trace(model, concrete, cache=cache_trace)
-    return _Builder(model, graph, tuple(flat), ops, record).build()
+    if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
+        raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
+    lin = _Builder(model, graph, tuple(flat), ops, record).build()
+    if not getattr(graph, "_ngtriton_checked", True):
+        try:
+            graph._ngtriton_checked = _agrees_with_eager(  # type: ignore[attr-defined]
+                model, inputs, lin.outputs)
+        except EngineUnsupported as err:
+            graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
+            raise
+    return lin
+
+
+def _agrees_with_eager(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor) -> bool:
+    """Check a new trace once against one eager forward (without dropout, without side
+    effects on buffers or the random generators); raise EngineUnsupported if they differ.
+
+    fx traces with stand-ins that are not tensors, so a ``forward`` that asks
+    ``isinstance(v, Tensor)`` or ``torch.is_tensor(v)`` of an input takes the other branch in
+    the trace than in eager PyTorch: the graph is then a different function. False when the
+    outputs are not finite (nothing to judge; checked again at the next build)."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    devices = {t.device for t in (*model.parameters(), outputs) if t.is_cuda}
+    with torch.random.fork_rng(devices=list(devices)), torch.no_grad(), WithoutDropout(), \
+            math_attention():
+        try:
+            eager = model(*inputs)
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
+    if not isinstance(eager, Tensor) or eager.shape != outputs.shape:
+        got = tuple(eager.shape) if isinstance(eager, Tensor) else type(eager).__name__
+        raise EngineUnsupported(f"the traced graph returns shape {tuple(outputs.shape)}, the "
+                                f"model {got}")
+    eager, got = eager.detach().double(), outputs.double()
+    if not (bool(torch.isfinite(eager).all()) and bool(torch.isfinite(got).all())):
+        return False
+    tol = math.sqrt(torch.finfo(outputs.dtype).eps)  # far above rounding, far below a branch
+    if float((got - eager).norm()) > tol * max(float(eager.norm()), 1e-30):
+        raise EngineUnsupported("the traced graph computes another function than the model "
+                                "(does forward test isinstance(..., Tensor) of an input?)")
+    return True
 
 
 class _Builder:
@@ -699,14 +758,18 @@ class _Builder:
 
         out_arg = out_node.args[0]
         codegen = getattr(self.graph, "_codegen", None)
-        if isinstance(codegen, fx.graph._PyTreeCodeGen) and isinstance(out_arg, list | tuple) \
-                and codegen.pytree_info.out_spec is not None \
-                and codegen.pytree_info.out_spec.is_leaf() and len(out_arg) == 1:
-            out_arg = out_arg[0]  # inputs given as containers: fx returns the flat outputs
+        out_spec = (codegen.pytree_info.out_spec if isinstance(codegen, fx.graph._PyTreeCodeGen)
+                    else None)
+        if out_spec is not None:  # inputs given as containers: fx returns the flat outputs
+            if not out_spec.is_leaf():
+                raise EngineUnsupported(f"the model returns {out_spec.type.__name__}; the "
+                                        "engine linearizes models that return one Tensor")
+            out_arg = out_arg[0]
         out_val = self._val(out_arg)
         if not isinstance(out_val, Tensor):
-            raise EngineUnsupported(f"the model returns {type(out_val).__name__}; the engine "
-                                    "linearizes models that return one Tensor")
+            kind = type(out_val).__name__.removeprefix("immutable_")  # fx's list and dict
+            raise EngineUnsupported(f"the model returns {kind}; the engine linearizes models "
+                                    "that return one Tensor")
         out_slot = self._slot(out_arg)
         outputs = out_val.detach()
         self.values.clear()
