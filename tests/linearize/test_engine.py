@@ -881,6 +881,23 @@ def test_a_container_trace_is_checked_once_against_an_eager_forward():
     assert isinstance(build_engine(good, _batch(7)), EngineLinearization)
     assert good.calls == []  # cached and checked: no forward of the model at all
 
+    class Noisy(nn.Module):  # samples in forward: the check draws what the build drew
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, batch):
+            h = self.a(batch["x"])
+            return h + torch.randn_like(h)
+
+    noisy, inputs = Noisy().to(F64), ({"x": torch.randn(5, 4, dtype=F64)},)
+    after = []
+    for _ in range(2):  # checked, then cached: the generator moves by the build's draws alone
+        torch.manual_seed(5)
+        assert isinstance(build_engine(noisy, inputs), EngineLinearization)
+        after.append(torch.get_rng_state())
+    assert torch.equal(*after)
+
 
 def test_star_args_and_keyword_only_forwards():
     """``*args`` takes the extra inputs as one tuple (it took the first input alone, and the

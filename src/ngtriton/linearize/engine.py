@@ -569,29 +569,43 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     graph = _trace(model, concrete, cache=cache_trace)
     if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
         raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
+    check = not getattr(graph, "_ngtriton_checked", True)
+    rng = _rng_states(model) if check else None  # the eager check draws what the build drew
     lin = _Builder(model, graph, tuple(flat), ops, record).build()
-    if not getattr(graph, "_ngtriton_checked", True):
+    if rng is not None:
         try:
             graph._ngtriton_checked = _agrees_with_eager(  # type: ignore[attr-defined]
-                model, inputs, lin.outputs)
+                model, inputs, lin.outputs, rng)
         except EngineUnsupported as err:
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise
     return lin
 
 
-def _agrees_with_eager(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor) -> bool:
-    """Check a new trace once against one eager forward (without dropout, without side
-    effects on buffers or the random generators); raise EngineUnsupported if they differ.
+def _rng_states(model: nn.Module) -> tuple[list[torch.device], list[Tensor]]:
+    """The CPU generator's state and that of the model's GPUs."""
+    devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
+    return devices, [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _agrees_with_eager(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor,
+                       rng: tuple[list[torch.device], list[Tensor]]) -> bool:
+    """Check a new trace once against one eager forward (without dropout, from the random
+    generators' states ``rng`` the build started from, so a forward that samples draws the
+    same; buffers and generators are left as they were); raise EngineUnsupported if the
+    outputs differ.
 
     fx traces with stand-ins that are not tensors, so a ``forward`` that asks
     ``isinstance(v, Tensor)`` or ``torch.is_tensor(v)`` of an input takes the other branch in
     the trace than in eager PyTorch: the graph is then a different function. False when the
     outputs are not finite (nothing to judge; checked again at the next build)."""
     buffers = [(b, b.clone()) for b in model.buffers()]
-    devices = {t.device for t in (*model.parameters(), outputs) if t.is_cuda}
-    with torch.random.fork_rng(devices=list(devices)), torch.no_grad(), WithoutDropout(), \
+    devices, states = rng
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), WithoutDropout(), \
             math_attention():
+        torch.set_rng_state(states[0])
+        for device, state in zip(devices, states[1:]):
+            torch.cuda.set_rng_state(state, device)
         try:
             eager = model(*inputs)
         finally:
