@@ -950,6 +950,52 @@ def test_curvature_subsample_takes_the_same_rows_inside_containers():
     # Tensors inside containers are the model's business: another dtype there is no error.
     opt.step(make_closure(opt, model, {"x": x, "affine": [rows[:, None].float(), 0.0]}, y))
     assert opt.steps == 2
+    # Flattened (B·T, V) logits: no input has B·T rows, the batch is the inputs' B.
+    tokens = torch.randn(20, 3, 4, dtype=torch.float64)
+    opt._batch_rows = 60
+    (got,), _, _ = opt._curvature_inputs((tokens,), {}, None)
+    assert got.shape == (5, 3, 4)
+
+
+class _HFStyle(nn.Module):
+    """``forward(input, attention_mask=None, **kwargs)`` called as ``model(**batch)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x, attention_mask=None, **kwargs):
+        out = self.net(x)
+        return out if attention_mask is None else out * attention_mask
+
+
+def test_a_batch_dict_unpacked_into_keywords_uses_the_engine(recwarn):
+    model, (x, y) = _HFStyle(), batch(12)
+    mask = torch.rand(12, 1, dtype=torch.float64) + 0.5
+    lam = 0.05
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x, mask)
+    Fd, g = dense_fisher(Flat(), x, y, "categorical")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
+    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
+              maxiter=500, method="cg")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(**{"x": x, "attention_mask": mask}), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    assert not [w for w in recwarn if "falling back" in str(w.message)]
 
 
 def test_unfrozen_layers_with_warm_start_checkpoint_and_new_modules_join_groups():

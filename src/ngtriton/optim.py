@@ -197,10 +197,13 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     except (TypeError, ValueError):
         return args, kwargs
     params = list(sig.parameters.values())
-    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
-        return args, kwargs
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = [p for p in params if p not in named]
+    if any(p.kind != p.VAR_KEYWORD for p in rest) or any(bound.arguments.get(p.name)
+                                                         for p in rest):
+        return args, kwargs  # keyword-only parameters, or keywords only **kwargs takes
     bound.apply_defaults()
-    return tuple(bound.arguments[p.name] for p in params), {}
+    return tuple(bound.arguments[p.name] for p in named), {}
 
 
 def _same_tensors(first: tuple, second: tuple) -> bool:
@@ -688,11 +691,13 @@ class NGD(torch.optim.Optimizer):
         inputs). The batch size is the leading size of the model's output in the closure."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
-        n = self._batch_rows
         tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
-        if n is None:  # no tensor output seen: the targets' rows, else the first input's
-            lead = [targets] if isinstance(targets, Tensor) and targets.ndim > 0 else tensors
-            n = lead[0].shape[0] if lead else None
+        # The batch size: the output's rows if inputs have that many (not so for flattened
+        # (B·T, V) logits), else the targets', else the first input's.
+        sizes = [self._batch_rows, targets.shape[0] if isinstance(targets, Tensor)
+                 and targets.ndim > 0 else None, tensors[0].shape[0] if tensors else None]
+        n = next((n for n in sizes if n is not None and any(a.shape[0] == n for a in tensors)),
+                 None)
         first = next((a for a in tensors if a.shape[0] == n), None)
         if first is None:
             return args, kwargs, targets

@@ -918,6 +918,57 @@ def test_star_args_and_keyword_only_forwards():
     assert isinstance(lin, EngineLinearization)
 
 
+class _NormedBatch(nn.Module):
+    """BatchNorm and a constant buffer behind a dict input: the eager check must not disturb
+    what the build's per-node autograd steps saved (it restores the buffers in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.out = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.register_buffer("mix", torch.randn(6, 6))
+
+    def forward(self, batch):
+        h = self.bn(self.a(batch["x"]))
+        return self.out(torch.tanh(torch.matmul(h, self.mix)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_checked_container_trace_keeps_buffers_and_products_intact(train):
+    torch.manual_seed(22)
+    model = _NormedBatch().to(F64).train(train)
+    inputs = ({"x": torch.randn(8, 4, dtype=F64)},)
+    clear_trace_cache()
+    ref = copy.deepcopy(model)
+    twin = copy.deepcopy(model)
+    twin.bn.track_running_stats = False  # the same function, without updates torch.func refuses
+    f, params = oracle(twin, inputs)
+    lin = build_engine(model, inputs)  # the check runs here
+    ref(*inputs)  # one forward: the build's own
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), buf, rtol=0, atol=0)
+    v = tuple(torch.randn_like(p) for p in params)  # products of this very build
+    out, jv = jvp(f, params, v)
+    u = torch.randn_like(out)
+    torch.testing.assert_close(lin.jvp(list(v)), jv)
+    for got, want in zip(lin.vjp(u), vjp(f, *params)[1](u)):
+        torch.testing.assert_close(got, want)
+
+
+def test_tensors_in_star_args_are_checked_too():
+    class Extra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x, *extra):
+            return self.a(x) + (extra[0] if torch.is_tensor(extra[0]) else 0.0)
+
+    model, x, b = Extra().to(F64), torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)
+    clear_trace_cache()
+    with pytest.raises(EngineUnsupported, match="another function"):
+        build_engine(model, (x, b))
+
+
 def test_the_trace_key_tells_1_from_true():
     class Flagged(nn.Module):
         def __init__(self):

@@ -63,7 +63,8 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     try:
         lin = AutogradLinearization(model, inputs)
     except Exception as err:
-        err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")
+        if hasattr(err, "add_note"):  # Python ≥ 3.11
+            err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")
         raise
     warnings.warn(f"ngtriton: the per-module engine cannot linearize this model ({reason}); "
                   "falling back to whole-model autograd (correct, slower)",

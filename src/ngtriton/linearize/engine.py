@@ -227,9 +227,10 @@ def _holes(value: Any) -> Any:
 
 
 def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
-                      ) -> tuple[dict[str, Any], list[Any]]:
-    """The trace's ``concrete_args`` and the values of its placeholders, in fx's order
-    (positional parameters, keyword-only ones, ``*args``, ``**kwargs``).
+                      ) -> tuple[dict[str, Any], list[Any], bool]:
+    """The trace's ``concrete_args``, the values of its placeholders, in fx's order
+    (positional parameters, keyword-only ones, ``*args``, ``**kwargs``), and whether tensors
+    reach ``forward`` inside containers or ``*args`` (see :func:`_agrees`).
 
     A non-tensor input, and the default of a parameter not given, is specialised: None and
     numbers as values, containers as their structure with their tensors as inputs. fx makes
@@ -238,7 +239,7 @@ def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
     another (empty)."""
     sig_params = _forward_params(model)
     if not sig_params:
-        return {}, list(inputs)
+        return {}, list(inputs), False
     positional = [p for p in sig_params
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     var_positional = any(p.kind == p.VAR_POSITIONAL for p in sig_params)
@@ -260,24 +261,24 @@ def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
             raise EngineUnsupported(f"input {p.name!r} was not given")
         concrete[p.name] = _holes(value)
         flat.extend(pytree.tree_leaves(value))
+    extra = tuple(inputs[len(positional):])
     if var_positional:
-        flat.append(tuple(inputs[len(positional):]))
+        flat.append(extra)
     if any(p.kind == p.VAR_KEYWORD for p in sig_params):
         flat.append({})
-    return concrete, flat
+    hidden = bool(extra) or any(isinstance(v, list | tuple | dict) and any(
+        leaf is fx.PH for leaf in pytree.tree_leaves(v)) for v in concrete.values())
+    return concrete, flat, hidden
 
 
-def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True) -> fx.Graph:
+def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
+           check: bool = False) -> fx.Graph:
+    """The fx graph of ``model`` (cached, see :func:`_trace_key`); ``check``: a new trace must
+    pass :func:`_agrees` at its first build."""
     key = _trace_key(model, concrete) if cache else None
     cached = _TRACE_CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
-    # Tensors inside containers reach forward as fx stand-ins that are not Tensors, so a
-    # ``torch.is_tensor(v)`` over a dict batch may branch otherwise than eagerly: such a trace
-    # is checked once against an eager forward (see _agrees_with_eager).
-    unchecked = any(isinstance(v, list | tuple | dict)
-                    and any(leaf is fx.PH for leaf in pytree.tree_leaves(v))
-                    for v in concrete.values())
     try:
         with warnings.catch_warnings():  # fx's note that it cannot check an object input
             warnings.filterwarnings("ignore", "Was not able to add assertion")
@@ -288,7 +289,7 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True) -> fx
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
     _reject_visible_mutation(graph, model)
-    if unchecked:
+    if check:
         graph._ngtriton_checked = False  # type: ignore[attr-defined]
     if key is not None:
         if cached is not None and str(graph) == str(cached[1]):
@@ -565,52 +566,45 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         raise EngineUnsupported("global module forward hooks are registered (the rules do not "
                                 "run them)")
-    concrete, flat = _signature_inputs(model, inputs)
-    graph = _trace(model, concrete, cache=cache_trace)
+    concrete, flat, hidden = _signature_inputs(model, inputs)
+    graph = _trace(model, concrete, cache=cache_trace, check=hidden)
     if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
         raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
-    check = not getattr(graph, "_ngtriton_checked", True)
-    rng = _rng_states(model) if check else None  # the eager check draws what the build drew
+    # The eager check's forward runs first, so that restoring the buffers cannot touch what
+    # the build's autograd nodes saved; it draws from, and leaves, the generators as they are.
+    eager = _eager_forward(model, inputs) if not getattr(graph, "_ngtriton_checked", True) \
+        else None
     lin = _Builder(model, graph, tuple(flat), ops, record).build()
-    if rng is not None:
+    if eager is not None:
         try:
-            graph._ngtriton_checked = _agrees_with_eager(  # type: ignore[attr-defined]
-                model, inputs, lin.outputs, rng)
+            graph._ngtriton_checked = _agrees(eager, lin.outputs)  # type: ignore[attr-defined]
         except EngineUnsupported as err:
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise
     return lin
 
 
-def _rng_states(model: nn.Module) -> tuple[list[torch.device], list[Tensor]]:
-    """The CPU generator's state and that of the model's GPUs."""
-    devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
-    return devices, [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _agrees_with_eager(model: nn.Module, inputs: tuple[Any, ...], outputs: Tensor,
-                       rng: tuple[list[torch.device], list[Tensor]]) -> bool:
-    """Check a new trace once against one eager forward (without dropout, from the random
-    generators' states ``rng`` the build started from, so a forward that samples draws the
-    same; buffers and generators are left as they were); raise EngineUnsupported if the
-    outputs differ.
-
-    fx traces with stand-ins that are not tensors, so a ``forward`` that asks
-    ``isinstance(v, Tensor)`` or ``torch.is_tensor(v)`` of an input takes the other branch in
-    the trace than in eager PyTorch: the graph is then a different function. False when the
-    outputs are not finite (nothing to judge; checked again at the next build)."""
+def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """``model(*inputs)`` as the engine sees it (no grad, dropout off, math attention), with
+    the random generators and the buffers left as they were."""
     buffers = [(b, b.clone()) for b in model.buffers()]
-    devices, states = rng
+    devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), WithoutDropout(), \
             math_attention():
-        torch.set_rng_state(states[0])
-        for device, state in zip(devices, states[1:]):
-            torch.cuda.set_rng_state(state, device)
         try:
-            eager = model(*inputs)
+            return model(*inputs)
         finally:
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+def _agrees(eager: Any, outputs: Tensor) -> bool:
+    """Check a new trace's outputs against the eager forward's; raise EngineUnsupported if they
+    differ. False when they are not finite (nothing to judge; checked at the next build).
+
+    fx traces with stand-ins that are not tensors, so a ``forward`` that asks
+    ``isinstance(v, Tensor)`` or ``torch.is_tensor(v)`` of an input takes the other branch in
+    the trace than in eager PyTorch: the graph is then a different function."""
     if not isinstance(eager, Tensor) or eager.shape != outputs.shape:
         got = tuple(eager.shape) if isinstance(eager, Tensor) else type(eager).__name__
         raise EngineUnsupported(f"the traced graph returns shape {tuple(outputs.shape)}, the "
