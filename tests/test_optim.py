@@ -27,6 +27,18 @@ def batch(n: int = 10, dtype: torch.dtype = torch.float64, seed: int = 1):
     return torch.randn(n, 4, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
+def _drawing_closure(opt, forward, draw):
+    """A closure that takes its batch ``(x, y) = draw()`` at every call and runs
+    ``forward(x)`` (a closure that fetches its own batch, when ``draw`` does)."""
+    def closure():
+        x, y = draw()
+        opt.zero_grad()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def make_closure(opt, model, x, y, loss_fn=F.cross_entropy):
     def closure():
         opt.zero_grad()
@@ -761,6 +773,26 @@ class _Masked(nn.Module):
         return self.net(x) * scale + shift
 
 
+def _assert_exact_step(model, call, x, y, lam=0.05):
+    """One NGD step at fixed λ with CG to 1e-12, whose closure runs ``call(x)``, equals the
+    dense oracle's θ − (F + λI)⁻¹g of ``x ↦ call(x)``."""
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return call(x)
+    Fd, g = dense_fisher(Fixed(), x, y, "categorical")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
+    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
+              maxiter=500, method="cg")
+    opt.step(_drawing_closure(opt, call, lambda: (x, y)))
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["keyword", "keyword-only"])
 def test_keyword_tensor_inputs_use_the_engine_and_match_the_oracle(kind, recwarn):
     """Keyword arguments are folded into positional ones where forward's signature allows, so
@@ -770,34 +802,9 @@ def test_keyword_tensor_inputs_use_the_engine_and_match_the_oracle(kind, recwarn
     if kind == "keyword-only":
         model.forward = lambda x, *, scale: _Masked.forward(model, x, scale)
     scale = torch.rand(12, 1, dtype=torch.float64) + 0.5
-    lam = 0.05
-
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            return _Masked.forward(self.inner, x, scale)
-    Fd, g = dense_fisher(Scaled(), x, y, "categorical")
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
-    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
-              maxiter=500, method="cg")
-    opt.step(_keyword_closure(opt, model, x, y, scale))
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    _assert_exact_step(model, lambda x: model(x, scale=scale), x, y)
     fallbacks = [w for w in recwarn if "falling back" in str(w.message)]
     assert bool(fallbacks) == (kind == "keyword-only")
-
-
-def _keyword_closure(opt, model, x, y, scale):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x, scale=scale), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 class _DictBatch(nn.Module):
@@ -819,15 +826,8 @@ def test_a_trial_on_another_batch_warns_once(recwarn):
     model = tiny_mlp()
     batches = iter([batch(8, seed=s) for s in range(8)])
     opt = NGD(model)
-
-    def fetching():
-        x, y = next(batches)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
     for _ in range(3):
-        opt.step(fetching)
+        opt.step(_drawing_closure(opt, model, lambda: next(batches)))
     other = [w for w in recwarn if "other inputs than the first call" in str(w.message)]
     assert len(other) == 1 and other[0].filename == __file__
     recwarn.clear()
@@ -838,15 +838,8 @@ def test_a_trial_on_another_batch_warns_once(recwarn):
     for draws in (lambda: (x.clone(), y), lambda: (torch.randn(8, 4, dtype=x.dtype), y),
                   lambda: (nan_x.clone(), y)):
         opt = NGD(model)
-
-        def rebuilt(draws=draws, opt=opt):
-            xb, yb = draws()
-            opt.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            return loss
         for _ in range(2):
-            opt.step(rebuilt)
+            opt.step(_drawing_closure(opt, model, draws))
         assert opt.last_stats.trial_loss == opt.last_stats.trial_loss  # a trial ran
     assert not [w for w in recwarn if "other inputs" in str(w.message)]
 
@@ -883,26 +876,15 @@ def test_sparse_inputs_rebuilt_by_the_closure_step_and_a_scheduler_keeps_warning
     opt = NGD(model)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
 
-    def closure():
-        adj = torch.sparse_coo_tensor(edges, torch.ones(20, dtype=x.dtype), (8, 8))
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x, adj), y)
-        loss.backward()
-        return loss
+    def with_new_adjacency(xb):
+        return model(xb, torch.sparse_coo_tensor(edges, torch.ones(20, dtype=xb.dtype), (8, 8)))
     for _ in range(2):
-        opt.step(closure)
+        opt.step(_drawing_closure(opt, with_new_adjacency, lambda: (x, y)))
         scheduler.step()
     assert opt.steps == 2 and opt.history[-1]["loss"] < opt.history[0]["loss"]
     assert not [w for w in recwarn if "other inputs" in str(w.message)]
     fetched = iter([batch(8, seed=s) for s in range(4)])
-
-    def fetching():
-        xb, yb = next(fetched)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xb, torch.eye(8, dtype=xb.dtype).to_sparse()), yb)
-        loss.backward()
-        return loss
-    opt.step(fetching)
+    opt.step(_drawing_closure(opt, with_new_adjacency, lambda: next(fetched)))
     other = [w for w in recwarn if "other inputs" in str(w.message)]
     assert len(other) == 1 and other[0].filename == __file__
 
@@ -910,24 +892,7 @@ def test_sparse_inputs_rebuilt_by_the_closure_step_and_a_scheduler_keeps_warning
 def test_container_inputs_use_the_engine_and_match_the_oracle(recwarn):
     model, (x, y) = _DictBatch(), batch(12)
     affine = [torch.rand(12, 1, dtype=torch.float64) + 0.5, 0.25]
-    inputs = {"x": x, "affine": affine}
-    lam = 0.05
-
-    class Flat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            return self.inner({"x": x, "affine": affine})
-    Fd, g = dense_fisher(Flat(), x, y, "categorical")
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
-    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
-              maxiter=500, method="cg")
-    opt.step(make_closure(opt, model, inputs, y))
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    _assert_exact_step(model, lambda x: model({"x": x, "affine": affine}), x, y)
     assert not [w for w in recwarn if "falling back" in str(w.message)]
 
 
@@ -972,29 +937,7 @@ class _HFStyle(nn.Module):
 def test_a_batch_dict_unpacked_into_keywords_uses_the_engine(recwarn):
     model, (x, y) = _HFStyle(), batch(12)
     mask = torch.rand(12, 1, dtype=torch.float64) + 0.5
-    lam = 0.05
-
-    class Flat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            return self.inner(x, mask)
-    Fd, g = dense_fisher(Flat(), x, y, "categorical")
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    expected = theta - torch.linalg.solve(Fd + lam * torch.eye(len(theta), dtype=Fd.dtype), g)
-    opt = NGD(model, damping=lam, adaptive_damping=False, reject_steps=False, tol=1e-12,
-              maxiter=500, method="cg")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(**{"x": x, "attention_mask": mask}), y)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    _assert_exact_step(model, lambda x: model(**{"x": x, "attention_mask": mask}), x, y)
     assert not [w for w in recwarn if "falling back" in str(w.message)]
 
 
