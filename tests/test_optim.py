@@ -915,11 +915,40 @@ def test_curvature_subsample_takes_the_same_rows_inside_containers():
     # Tensors inside containers are the model's business: another dtype there is no error.
     opt.step(make_closure(opt, model, {"x": x, "affine": [rows[:, None].float(), 0.0]}, y))
     assert opt.steps == 2
-    # Flattened (B·T, V) logits: no input has B·T rows, the batch is the inputs' B.
+    # Flattened (B·T, V) logits: no input has B·T rows, the batch is the inputs' B ...
     tokens = torch.randn(20, 3, 4, dtype=torch.float64)
     opt._batch_rows = 60
     (got,), _, _ = opt._curvature_inputs((tokens,), {}, None)
     assert got.shape == (5, 3, 4)
+    # ... unless targets (B·T of them) would have to follow, or the inputs disagree on B:
+    # then nothing is subsampled, and NGD says so once.
+    with pytest.warns(UserWarning, match="curvature_fraction: no input has the batch's rows"):
+        (got,), _, kept = opt._curvature_inputs((tokens,), {}, torch.zeros(60))
+    assert got is tokens and kept.shape == (60,)
+    memory = torch.randn(7, 4, dtype=torch.float64)
+    (got_memory, got_tokens), _, _ = opt._curvature_inputs((memory, tokens), {}, None)
+    assert got_memory is memory and got_tokens is tokens
+
+
+_SCALE = torch.tensor(2.0)
+
+
+class _DefaultScale(nn.Module):
+    """A tensor default (float32 on a float64 model) that keyword calls leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x, scale=_SCALE, **kwargs):
+        return self.net(x) * scale
+
+
+def test_tensor_defaults_are_not_folded_into_inputs():
+    model, (x, y) = _DefaultScale(), batch(12)
+    opt = NGD(model)
+    opt.step(_drawing_closure(opt, lambda xb: model(x=xb), lambda: (x, y)))
+    assert opt.last_stats.reason in ("accepted", "rejected")
 
 
 class _HFStyle(nn.Module):

@@ -202,6 +202,10 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     if any(p.kind != p.VAR_KEYWORD for p in rest) or any(bound.arguments.get(p.name)
                                                          for p in rest):
         return args, kwargs  # keyword-only parameters, or keywords only **kwargs takes
+    given = [p.name in bound.arguments for p in named]
+    named = named[:max(i for i, g in enumerate(given) if g) + 1]  # defaults after: the engine's
+    if any(p.name not in bound.arguments and isinstance(p.default, Tensor) for p in named):
+        return args, kwargs  # a tensor default is no input to check (its dtype may differ)
     bound.apply_defaults()
     return tuple(bound.arguments[p.name] for p in named), {}
 
@@ -434,6 +438,7 @@ class NGD(torch.optim.Optimizer):
         self._full_trials = False  # set once a closure cannot run in evaluation mode
         self._warned_batch = False  # the trial saw another batch (warned once)
         self._batch_rows: int | None = None  # leading size of the closure's model output
+        self._warned_subsample = False  # the subsample found no batch dimension (warned once)
         self._names = _names_by_id(model)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -688,19 +693,31 @@ class NGD(torch.optim.Optimizer):
                           ) -> tuple[tuple, dict, Tensor | None]:
         """The curvature subsample: the same random rows of every batched input, also inside
         tuples, lists and dicts (and of ``targets``, which must then stay aligned with the
-        inputs). The batch size is the leading size of the model's output in the closure."""
+        inputs).
+
+        The batch size is the number of rows of the model's output in the closure (else of
+        ``targets``) when inputs have that many rows; else, without targets, the one leading
+        size all inputs share if it divides the output's rows (sequences whose (B·T, V) logits
+        were flattened); else nothing is subsampled, with a warning (once)."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
         tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
-        # The batch size: the output's rows if inputs have that many (not so for flattened
-        # (B·T, V) logits), else the targets', else the first input's.
-        sizes = [self._batch_rows, targets.shape[0] if isinstance(targets, Tensor)
-                 and targets.ndim > 0 else None, tensors[0].shape[0] if tensors else None]
-        n = next((n for n in sizes if n is not None and any(a.shape[0] == n for a in tensors)),
-                 None)
-        first = next((a for a in tensors if a.shape[0] == n), None)
-        if first is None:
+        leading = {a.shape[0] for a in tensors}
+        rows = self._batch_rows
+        if rows is None and isinstance(targets, Tensor) and targets.ndim > 0:
+            rows = targets.shape[0]
+        if rows in leading:
+            n = rows
+        elif targets is None and len(leading) == 1 and (rows is None or rows % min(leading) == 0):
+            n = min(leading)
+        else:
+            if tensors and not self._warned_subsample:
+                self._warned_subsample = True
+                warnings.warn(f"curvature_fraction: no input has the batch's rows (the model "
+                              f"returns {rows} rows, the inputs lead with {sorted(leading)}); "
+                              "the Fisher uses the whole batch", stacklevel=user_stacklevel())
             return args, kwargs, targets
+        first = next(a for a in tensors if a.shape[0] == n)
         k = max(1, round(self.curvature_fraction * n))
         if k >= n:
             return args, kwargs, targets

@@ -965,8 +965,57 @@ def test_tensors_in_star_args_are_checked_too():
 
     model, x, b = Extra().to(F64), torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)
     clear_trace_cache()
+    check_against_oracle(model, (x, 2.0))  # a number: the trace is right, and checked
+    with pytest.raises(EngineUnsupported, match="another function"):
+        build_engine(model, (x, b))  # the same graph, a tensor: checked again, and refused
+    clear_trace_cache()
     with pytest.raises(EngineUnsupported, match="another function"):
         build_engine(model, (x, b))
+
+
+class _Smoothed(nn.Module):
+    """A leaf layer whose forward reassigns its buffer (a running mean), and one with a buffer
+    that is an expanded view (no in-place write may touch it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("mu", torch.zeros(4))
+        self.register_buffer("shift", torch.randn(1, 4).expand(5, 4))
+
+    def forward(self, x):
+        if self.training:
+            self.mu = 0.5 * self.mu + 0.5 * x.detach().mean(0)
+        return (x - self.mu + self.shift) @ self.w
+
+
+def test_the_eager_check_leaves_reassigned_buffers_and_survives_its_own_failures():
+    class Outer(nn.Module):
+        def __init__(self, retain):
+            super().__init__()
+            self.inner, self.retain = _Smoothed(), retain
+
+        def forward(self, batch):
+            h = self.inner(batch["x"])
+            if self.retain:
+                h.retain_grad()  # needs grad mode: the check's own forward (no grad) fails
+            return h
+
+    from ngtriton.linearize import AutogradLinearization, linearize
+
+    torch.manual_seed(23)
+    x = torch.randn(5, 4, dtype=F64) + 3
+    model = Outer(retain=False).to(F64)
+    model.inner.shift = torch.randn(1, 4, dtype=F64).expand(5, 4)  # .to() made it contiguous
+    ref = copy.deepcopy(model)
+    ref({"x": x})  # one forward's update of the running mean
+    lin = build_engine(model, ({"x": x},))
+    assert isinstance(lin, EngineLinearization)
+    torch.testing.assert_close(model.inner.mu, ref.inner.mu, rtol=0, atol=0)
+    model = Outer(retain=True).to(F64)
+    with pytest.warns(UserWarning, match="eager forward, run to check the trace, failed"):
+        lin = linearize(model, ({"x": x},), backend="torch")
+    assert isinstance(lin, AutogradLinearization) and lin.outputs.shape == (5, 4)
 
 
 def test_the_trace_key_tells_1_from_true():

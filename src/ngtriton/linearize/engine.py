@@ -227,10 +227,10 @@ def _holes(value: Any) -> Any:
 
 
 def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
-                      ) -> tuple[dict[str, Any], list[Any], bool]:
-    """The trace's ``concrete_args``, the values of its placeholders, in fx's order
-    (positional parameters, keyword-only ones, ``*args``, ``**kwargs``), and whether tensors
-    reach ``forward`` inside containers or ``*args`` (see :func:`_agrees`).
+                      ) -> tuple[dict[str, Any], list[Any], tuple[Any, ...], bool]:
+    """The trace's ``concrete_args``; the values of its placeholders, in fx's order
+    (positional parameters, keyword-only ones, ``*args``, ``**kwargs``); the ``*args`` values;
+    and whether tensors reach ``forward`` inside containers or ``*args`` (see :func:`_agrees`).
 
     A non-tensor input, and the default of a parameter not given, is specialised: None and
     numbers as values, containers as their structure with their tensors as inputs. fx makes
@@ -239,7 +239,7 @@ def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
     another (empty)."""
     sig_params = _forward_params(model)
     if not sig_params:
-        return {}, list(inputs), False
+        return {}, list(inputs), (), False
     positional = [p for p in sig_params
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     var_positional = any(p.kind == p.VAR_POSITIONAL for p in sig_params)
@@ -268,14 +268,15 @@ def _signature_inputs(model: nn.Module, inputs: Sequence[Any]
         flat.append({})
     hidden = bool(extra) or any(isinstance(v, list | tuple | dict) and any(
         leaf is fx.PH for leaf in pytree.tree_leaves(v)) for v in concrete.values())
-    return concrete, flat, hidden
+    return concrete, flat, extra if var_positional else (), hidden
 
 
 def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
-           check: bool = False) -> fx.Graph:
-    """The fx graph of ``model`` (cached, see :func:`_trace_key`); ``check``: a new trace must
-    pass :func:`_agrees` at its first build."""
-    key = _trace_key(model, concrete) if cache else None
+           check: bool = False, star: tuple[Any, ...] = ()) -> fx.Graph:
+    """The fx graph of ``model`` (cached, see :func:`_trace_key`; ``star``: the ``*args``
+    values, keyed like specialised inputs since ``forward`` may test what they are);
+    ``check``: a new trace must pass :func:`_agrees` at its first build."""
+    key = _trace_key(model, {**concrete, "*": _holes(star)}) if cache else None
     cached = _TRACE_CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -289,13 +290,14 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
     _reject_visible_mutation(graph, model)
-    if check:
-        graph._ngtriton_checked = False  # type: ignore[attr-defined]
     if key is not None:
         if cached is not None and str(graph) == str(cached[1]):
             graph = cached[1]  # a flag or an attribute changed, the trace did not
             graph.__dict__.pop("_ngtriton_plan", None)  # the plan reads flags: make it anew
         _TRACE_CACHE[model] = (key, graph)
+    if check:  # a check made with other inputs says nothing of these
+        graph._ngtriton_checked = False  # type: ignore[attr-defined]
+        graph.__dict__.pop("_ngtriton_wrong", None)
     return graph
 
 
@@ -566,19 +568,19 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         raise EngineUnsupported("global module forward hooks are registered (the rules do not "
                                 "run them)")
-    concrete, flat, hidden = _signature_inputs(model, inputs)
-    graph = _trace(model, concrete, cache=cache_trace, check=hidden)
+    concrete, flat, star, hidden = _signature_inputs(model, inputs)
+    graph = _trace(model, concrete, cache=cache_trace, check=hidden, star=star)
     if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
         raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
     # The eager check's forward runs first, so that restoring the buffers cannot touch what
     # the build's autograd nodes saved; it draws from, and leaves, the generators as they are.
-    eager = _eager_forward(model, inputs) if not getattr(graph, "_ngtriton_checked", True) \
-        else None
+    check = not getattr(graph, "_ngtriton_checked", True)
+    eager = _eager_forward(model, inputs) if check else None
     lin = _Builder(model, graph, tuple(flat), ops, record).build()
-    if eager is not None:
+    if check:
         try:
             graph._ngtriton_checked = _agrees(eager, lin.outputs)  # type: ignore[attr-defined]
-        except EngineUnsupported as err:
+        except EngineUnsupported as err:  # the trace itself is wrong: refuse it from now on
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise
     return lin
@@ -586,16 +588,26 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
 
 def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     """``model(*inputs)`` as the engine sees it (no grad, dropout off, math attention), with
-    the random generators and the buffers left as they were."""
-    buffers = [(b, b.clone()) for b in model.buffers()]
+    the random generators and the buffers left as they were (a buffer written in place gets its
+    values back, a reassigned one its object). Any error: EngineUnsupported. It runs before
+    the build, so that restoring the buffers cannot touch what the build's nodes saved."""
+    saved = [(m, name, b, b.clone()) for m in model.modules()
+             for name, b in m._buffers.items() if b is not None]
     devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), WithoutDropout(), \
-            math_attention():
-        try:
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), WithoutDropout(), \
+                math_attention():
             return model(*inputs)
-        finally:
-            for b, saved in buffers:
-                b.copy_(saved)
+    except Exception as err:
+        raise EngineUnsupported(f"the model's eager forward, run to check the trace, failed "
+                                f"({type(err).__name__}: {err})") from err
+    finally:
+        for m, name, b, copy_of in saved:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            # every buffer: BatchNorm's running statistics change without a version bump
+            with contextlib.suppress(RuntimeError):  # an expanded view: never written to
+                b.copy_(copy_of)
 
 
 def _agrees(eager: Any, outputs: Tensor) -> bool:
