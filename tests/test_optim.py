@@ -922,12 +922,15 @@ def test_curvature_subsample_takes_the_same_rows_inside_containers():
     assert got.shape == (5, 3, 4)
     # ... unless targets (B·T of them) would have to follow, or the inputs disagree on B:
     # then nothing is subsampled, and NGD says so once.
-    with pytest.warns(UserWarning, match="curvature_fraction: no input has the batch's rows"):
+    with pytest.warns(UserWarning, match="curvature_fraction: the batch dimension is unclear"):
         (got,), _, kept = opt._curvature_inputs((tokens,), {}, torch.zeros(60))
     assert got is tokens and kept.shape == (60,)
     memory = torch.randn(7, 4, dtype=torch.float64)
     (got_memory, got_tokens), _, _ = opt._curvature_inputs((memory, tokens), {}, None)
     assert got_memory is memory and got_tokens is tokens
+    opt._batch_rows = 20  # (B, T, V) logits, (B·T,) targets: the targets cannot follow
+    (got,), _, kept = opt._curvature_inputs((tokens,), {}, torch.zeros(60))
+    assert got is tokens and kept.shape == (60,)
 
 
 _SCALE = torch.tensor(2.0)

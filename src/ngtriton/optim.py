@@ -703,19 +703,22 @@ class NGD(torch.optim.Optimizer):
             return args, kwargs, targets
         tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
         leading = {a.shape[0] for a in tensors}
-        rows = self._batch_rows
-        if rows is None and isinstance(targets, Tensor) and targets.ndim > 0:
-            rows = targets.shape[0]
+        t_rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim > 0 else None
+        rows = self._batch_rows if self._batch_rows is not None else t_rows
         if rows in leading:
             n = rows
         elif targets is None and len(leading) == 1 and (rows is None or rows % min(leading) == 0):
             n = min(leading)
         else:
+            n = None
+        if n is None or t_rows not in (None, n):
             if tensors and not self._warned_subsample:
                 self._warned_subsample = True
-                warnings.warn(f"curvature_fraction: no input has the batch's rows (the model "
-                              f"returns {rows} rows, the inputs lead with {sorted(leading)}); "
-                              "the Fisher uses the whole batch", stacklevel=user_stacklevel())
+                out = "" if rows is None else f"the model returns {rows} rows, "
+                tgt = "" if t_rows is None else f"the targets {t_rows}, "
+                warnings.warn(f"curvature_fraction: the batch dimension is unclear ({out}{tgt}"
+                              f"the inputs lead with {sorted(leading)}); the Fisher uses the "
+                              "whole batch", stacklevel=user_stacklevel())
             return args, kwargs, targets
         first = next(a for a in tensors if a.shape[0] == n)
         k = max(1, round(self.curvature_fraction * n))

@@ -1018,6 +1018,70 @@ def test_the_eager_check_leaves_reassigned_buffers_and_survives_its_own_failures
     assert isinstance(lin, AutogradLinearization) and lin.outputs.shape == (5, 4)
 
 
+class _Ema(nn.Module):
+    """A layer (an opaque node) that updates a buffer requiring grad in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(3, dtype=F64, requires_grad=True))
+
+    def forward(self, y):
+        with torch.no_grad():
+            self.ema.mul_(0.5).add_(y.mean(0), alpha=0.5)
+        return y * 2.0
+
+
+class _KeepsLast(nn.Module):
+    """A forward that stores its output in a buffer, before the layer above."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.smooth = nn.Linear(4, 3), _Ema()
+        self.register_buffer("last", None)
+
+    def forward(self, x):
+        y = self.a(x["x"] if isinstance(x, dict) else x)
+        self.last = y.detach()
+        return self.smooth(y)
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_the_trace_and_the_check_leave_buffers_as_the_build_alone_would(container):
+    model, x = _KeepsLast().to(F64), torch.randn(5, 4, dtype=F64)
+    model(torch.randn(5, 4, dtype=F64))
+    last = model.last
+    ref = copy.deepcopy(model)
+    ref(x)
+    clear_trace_cache()
+    build_engine(model, ({"x": x},) if container else (x,))
+    # The trace left a stand-in in `last`, and the eager check updated `ema` once more: the
+    # build runs the opaque layer once (one update) and no Python of the traced forward.
+    assert model.last is last
+    torch.testing.assert_close(model.smooth.ema, ref.smooth.ema, rtol=0, atol=0)
+    copy.deepcopy(model).double()
+
+
+def test_a_checked_build_keeps_earlier_linearizations_of_the_model_valid():
+    torch.manual_seed(24)
+    model = _NormedBatch().to(F64)  # train mode: BatchNorm saves its running statistics
+    x = torch.randn(8, 4, dtype=F64)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner({"x": x})
+    clear_trace_cache()
+    first = build_engine(Plain(), (x,))
+    u = torch.randn_like(first.outputs)
+    before = first.vjp(u)
+    build_engine(model, ({"x": x},))  # checked: the eager forward's updates are put back
+    for a, b in zip(before, first.vjp(u)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_the_trace_key_tells_1_from_true():
     class Flagged(nn.Module):
         def __init__(self):

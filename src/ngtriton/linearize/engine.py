@@ -276,13 +276,14 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
     """The fx graph of ``model`` (cached, see :func:`_trace_key`; ``star``: the ``*args``
     values, keyed like specialised inputs since ``forward`` may test what they are);
     ``check``: a new trace must pass :func:`_agrees` at its first build."""
-    key = _trace_key(model, {**concrete, "*": _holes(star)}) if cache else None
+    key = (_trace_key(model, {**concrete, "*": _holes(star)} if star else concrete)
+           if cache else None)
     cached = _TRACE_CACHE.get(model) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        with warnings.catch_warnings():  # fx's note that it cannot check an object input
-            warnings.filterwarnings("ignore", "Was not able to add assertion")
+        with warnings.catch_warnings(), _buffers_kept(model):  # the trace runs forward
+            warnings.filterwarnings("ignore", "Was not able to add assertion")  # object inputs
             graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
         msg = str(err).strip().splitlines()
@@ -586,28 +587,40 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     return lin
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Any:
+    """Put the model's buffers back as they were after the block: a buffer the block
+    reassigned gets its object back (fx's trace would leave a stand-in there), one it wrote in
+    place its values (BatchNorm's running statistics change without a version bump, so values
+    are compared)."""
+    saved = [(m, name, b, None if b is None else b.clone()) for m in model.modules()
+             for name, b in m._buffers.items()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, copy_of in saved:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if b is not None and not torch.equal(b, copy_of):
+                    # .data: the old values come back without a version bump (as BatchNorm
+                    # wrote them), so saved tensors of earlier linearizations stay valid
+                    b.data.copy_(copy_of)
+
+
 def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     """``model(*inputs)`` as the engine sees it (no grad, dropout off, math attention), with
-    the random generators and the buffers left as they were (a buffer written in place gets its
-    values back, a reassigned one its object). Any error: EngineUnsupported. It runs before
-    the build, so that restoring the buffers cannot touch what the build's nodes saved."""
-    saved = [(m, name, b, b.clone()) for m in model.modules()
-             for name, b in m._buffers.items() if b is not None]
+    the random generators and the buffers left as they were (:func:`_buffers_kept`). Any
+    error: EngineUnsupported. It runs before the build, so that putting the buffers back cannot
+    touch what the build's nodes saved."""
     devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), WithoutDropout(), \
-                math_attention():
+        with _buffers_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                WithoutDropout(), math_attention():
             return model(*inputs)
     except Exception as err:
         raise EngineUnsupported(f"the model's eager forward, run to check the trace, failed "
                                 f"({type(err).__name__}: {err})") from err
-    finally:
-        for m, name, b, copy_of in saved:
-            if m._buffers.get(name) is not b:
-                m._buffers[name] = b
-            # every buffer: BatchNorm's running statistics change without a version bump
-            with contextlib.suppress(RuntimeError):  # an expanded view: never written to
-                b.copy_(copy_of)
 
 
 def _agrees(eager: Any, outputs: Tensor) -> bool:
