@@ -72,13 +72,13 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
     if len(dtypes) > 1:
         raise ValueError(f"model: all trainable parameters must share one dtype, got {dtypes}")
     ref = params[0]
-    for name, x in ((f"inputs[{i}]", x) for i, x in enumerate(inputs)):
+    for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):  # nor inside containers: a model may cast those itself
             continue
         if x.device != ref.device:
-            raise ValueError(f"{name}: on device {x.device}, the model is on {ref.device}")
+            raise ValueError(f"inputs[{i}]: on device {x.device}, the model is on {ref.device}")
         if x.dtype.is_floating_point and x.dtype != ref.dtype:
-            raise ValueError(f"{name}: dtype {x.dtype} does not match the model's {ref.dtype}")
+            raise ValueError(f"inputs[{i}]: dtype {x.dtype} does not match the model's {ref.dtype}")
     return params
 
 

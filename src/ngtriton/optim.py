@@ -220,6 +220,7 @@ def _same_tensors(first: tuple, second: tuple) -> bool:
 
 
 def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    """One pair of :func:`_same_tensors`."""
     if x is y or any(t.layout != torch.strided or t.is_nested for t in (x, y)):
         return True
     if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
@@ -339,7 +340,9 @@ class NGD(torch.optim.Optimizer):
             while λ = 0, where it would give up the minimum-norm solution; methods ``"auto"``,
             ``"cg"`` and ``"minres"`` only).
         curvature_fraction: fraction of the batch used for the Fisher products (a random subset,
-            drawn from the optimizer's own generator).
+            drawn from the optimizer's own generator: the same rows of every input tensor, also
+            inside containers, that leads with the batch size; where that size is unclear, the
+            whole batch, with a warning).
         reject_steps: undo steps that raise the loss.
         backend: linearization backend (``"auto"``, ``"torch"``, ``"triton"``, ``"autograd"``).
         mc_samples: sampled labels per example for ``fisher="mc"``.
@@ -698,7 +701,8 @@ class NGD(torch.optim.Optimizer):
         The batch size is the number of rows of the model's output in the closure (else of
         ``targets``) when inputs have that many rows; else, without targets, the one leading
         size all inputs share if it divides the output's rows (sequences whose (B·T, V) logits
-        were flattened); else nothing is subsampled, with a warning (once)."""
+        were flattened). Where there is none, or targets have other rows, nothing is
+        subsampled, with a warning (once)."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
         tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
