@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
 from .linearize import ForwardRecord, Linearization, linearize, resolve_backend
@@ -80,21 +79,6 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
         if x.dtype.is_floating_point and x.dtype != ref.dtype:
             raise ValueError(f"inputs[{i}]: dtype {x.dtype} does not match the model's {ref.dtype}")
     return params
-
-
-def input_tensors(args: Sequence[Any], kwargs: dict[str, Any] | None = None
-                  ) -> list[tuple[str, Tensor]]:
-    """The tensors among a model's inputs, also inside tuples, lists and dicts, each with its
-    name (``inputs[0]['x']``)."""
-    found = []
-    for prefix, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)),
-                          *((f"inputs[{k!r}]", v) for k, v in (kwargs or {}).items())]:
-        if isinstance(value, Tensor):
-            found.append((prefix, value))
-            continue
-        leaves = pytree.tree_flatten_with_path(value)[0]
-        found += [(prefix + pytree.keystr(path), t) for path, t in leaves if isinstance(t, Tensor)]
-    return found
 
 
 def _rows(targets: Any, out_shape: torch.Size) -> Any:

@@ -16,7 +16,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ._frames import user_stacklevel
-from .fisher import FISHER_TYPES, FisherOperator, input_tensors
+from .fisher import FISHER_TYPES, FisherOperator
 from .likelihoods import Likelihood, get_likelihood
 from .linearize import BACKENDS, ForwardRecord
 from .solvers import DUAL_DIRECT_MAX_ROWS, METHODS, Workspace, solve
@@ -210,11 +210,26 @@ def _as_positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     return tuple(bound.arguments[p.name] for p in named), {}
 
 
+def _input_tensors(args: Sequence[Any], kwargs: dict[str, Any] | None = None
+                  ) -> list[tuple[str, Tensor]]:
+    """The tensors among a model's inputs, also inside tuples, lists and dicts, each with its
+    name (``inputs[0]['x']``)."""
+    found = []
+    for prefix, value in [*((f"inputs[{i}]", a) for i, a in enumerate(args)),
+                          *((f"inputs[{k!r}]", v) for k, v in (kwargs or {}).items())]:
+        if isinstance(value, Tensor):
+            found.append((prefix, value))
+            continue
+        leaves = pytree.tree_flatten_with_path(value)[0]
+        found += [(prefix + pytree.keystr(path), t) for path, t in leaves if isinstance(t, Tensor)]
+    return found
+
+
 def _same_tensors(first: tuple, second: tuple) -> bool:
     """Whether two calls' ``(args, kwargs)`` hold the same tensors: the same objects, or equal
     ones (a closure may rebuild its batch from the same data), NaN matching NaN. Sparse and
     nested tensors count as the same (torch cannot compare them cheaply)."""
-    a, b = input_tensors(*first), input_tensors(*second)
+    a, b = _input_tensors(*first), _input_tensors(*second)
     return len(a) == len(b) and all(na == nb and _same_tensor(x, y) for (na, x), (nb, y)
                                     in zip(a, b))
 
@@ -705,7 +720,7 @@ class NGD(torch.optim.Optimizer):
         subsampled, with a warning (once)."""
         if self.curvature_fraction >= 1.0:
             return args, kwargs, targets
-        tensors = [a for _, a in input_tensors(args, kwargs) if a.ndim > 0]
+        tensors = [a for _, a in _input_tensors(args, kwargs) if a.ndim > 0]
         leading = {a.shape[0] for a in tensors}
         t_rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim > 0 else None
         rows = self._batch_rows if self._batch_rows is not None else t_rows

@@ -282,7 +282,7 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        with warnings.catch_warnings(), _buffers_kept(model):  # the trace runs forward
+        with warnings.catch_warnings(), _buffers_kept(model, values=False):  # it runs forward
             warnings.filterwarnings("ignore", "Was not able to add assertion")  # object inputs
             graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
@@ -588,13 +588,14 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
 
 
 @contextlib.contextmanager
-def _buffers_kept(model: nn.Module) -> Any:
+def _buffers_kept(model: nn.Module, values: bool = True) -> Any:
     """Put the model's buffers back as they were after the block: a buffer the block
-    reassigned gets its object back (fx's trace would leave a stand-in there), one it wrote in
-    place its values (BatchNorm's running statistics change without a version bump, so values
-    are compared)."""
-    saved = [(m, name, b, None if b is None else b.clone()) for m in model.modules()
-             for name, b in m._buffers.items()]
+    reassigned gets its object back (fx's trace would leave a stand-in there), and with
+    ``values`` one it wrote in place its values (BatchNorm's running statistics change without
+    a version bump, so values are compared). A trace writes no real buffer: ``values=False``
+    spares it the copies."""
+    saved = [(m, name, b, b.clone() if values and b is not None else None)
+             for m in model.modules() for name, b in m._buffers.items()]
     try:
         yield
     finally:
@@ -602,7 +603,7 @@ def _buffers_kept(model: nn.Module) -> Any:
             for m, name, b, copy_of in saved:
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
-                if b is not None and not torch.equal(b, copy_of):
+                if copy_of is not None and not torch.equal(b, copy_of):
                     # .data: the old values come back without a version bump (as BatchNorm
                     # wrote them), so saved tensors of earlier linearizations stay valid
                     b.data.copy_(copy_of)
