@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ngtriton.optim as optim_mod
+import ngtriton.optim.step as optim_mod
 from ngtriton.fisher import FisherOperator
 from ngtriton.optim import NGD, NonFiniteError
 
@@ -150,14 +150,14 @@ def inj_quadratic(value: float) -> Callable:
     """Poison only the product NGD itself takes for ρ's quadratic model (MINRES: no shortcut)."""
     def inject(opt, prob, mp):
         opt.method = "minres"
-        original = FisherOperator.fisher_matvec
+        original = FisherOperator.damped_matvec
 
         def product(self, v):
             out = original(self, v)
-            caller = sys._getframe(2).f_code.co_name  # _step → guard's product → this
-            return poison(value)(out) if caller == "_step" else out
+            caller = sys._getframe(2).f_code.co_name  # _direction → guard's product → this
+            return poison(value)(out) if caller == "_direction" else out
 
-        mp.setattr(FisherOperator, "fisher_matvec", product)
+        mp.setattr(FisherOperator, "damped_matvec", product)
         return closure_for(opt, prob)
     return inject
 

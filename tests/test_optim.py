@@ -224,7 +224,7 @@ def test_a_step_leaves_no_operator_behind(monkeypatch):
     # by reference counting alone: no cycle through the guard around its products.
     import gc
 
-    import ngtriton.optim as optim_module
+    import ngtriton.optim.step as optim_module
 
     built = []
 
@@ -733,11 +733,11 @@ def _saved(**kwargs):
 
 @pytest.mark.parametrize(("spoil", "words"), [
     (lambda sd: sd["ngd"].pop("generator"), "lacks ['generator']"),
-    (lambda sd: sd["ngd"].update(damping=float("nan")), "damping must be finite"),
-    (lambda sd: sd["ngd"].update(damping=-1.0), "damping must be finite"),
-    (lambda sd: sd["ngd"].update(steps="many"), "malformed"),
-    (lambda sd: sd["ngd"].update(history=[{"step": 1}]), "malformed"),
-    (lambda sd: sd["state"][0].update(warm_start=torch.zeros(5)), "warm-start vector"),
+    (lambda sd: sd["ngd"].update(damping=float("nan")), "['damping'] must be finite"),
+    (lambda sd: sd["ngd"].update(damping=-1.0), "['damping'] must be finite"),
+    (lambda sd: sd["ngd"].update(steps="many"), "['steps'] must be an integer"),
+    (lambda sd: sd["ngd"].update(history=[{"step": 1}]), "['history'][0] is malformed"),
+    (lambda sd: sd["state"][0].update(warm_start=torch.zeros(5)), "has shape (5,)"),
 ])
 def test_a_malformed_state_dict_is_refused_and_changes_nothing(spoil, words):
     _, _, sd = _saved(warm_start=True)
