@@ -47,6 +47,10 @@ from .preconditioner import PRECONDITIONERS, AdamDiagonal
 from .step import _StepRun
 from .transaction import Book, Transaction
 
+# Instance attributes a copy must not carry: the names keyed by id() (rebuilt), and methods
+# that an LR scheduler patched onto this instance (they call the original optimizer).
+_NOT_COPIED = frozenset({"_names", "step", "zero_grad"})
+
 
 class NGD(torch.optim.Optimizer):
     """Natural gradient descent with adaptive (Levenberg–Marquardt) damping.
@@ -126,10 +130,11 @@ class NGD(torch.optim.Optimizer):
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a ``Likelihood``.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (the latter needs ``step(closure,
             targets=y)``).
-        method: solver (``"auto"``, ``"cg"``, ``"minres"``, ``"lsmr"``, ``"dual"``: the exact
-            sample-space solve, an eigendecomposition of the R × R kernel, R = batch × output
-            factor columns, so for small batches; ``"dual-krylov"`` needs a factor of the
-            gradient that NGD does not have).
+        method: solver (``"auto"``, ``"cg"``, ``"pcg"`` (preconditioned, truncated CG),
+            ``"minres"``, ``"lsmr"``, ``"dual"``: the exact sample-space solve, an
+            eigendecomposition of the R × R kernel, R = batch × output factor columns, so for
+            small batches; ``"dual-krylov"`` needs a factor of the gradient that NGD does not
+            have).
         params: optional parameters or param-group dicts (default: all trainable parameters).
         weight_decay: L2 coefficient added to the gradient (per group).
         adaptive_damping: adapt λ with the LM rule (else λ stays fixed).
@@ -138,12 +143,27 @@ class NGD(torch.optim.Optimizer):
         tol, maxiter: the solver's relative tolerance and iteration cap.
         warm_start: start the solver from ``warm_start_decay`` × the previous solution (ignored
             while λ = 0, where it would give up the minimum-norm solution; methods ``"auto"``,
-            ``"cg"`` and ``"minres"`` only).
+            ``"cg"``, ``"pcg"`` and ``"minres"`` only).
         curvature_fraction: fraction of the batch used for the Fisher products (a random subset,
             drawn from the optimizer's own generator: the same rows of every input tensor, also
             inside containers, that leads with the batch size; where that size is unclear, the
             whole batch, with a warning).
         reject_steps: undo steps that raise the loss.
+        trial_every: without ``reject_steps``, evaluate the trial loss (and so ρ and the
+            damping rule) only every ``trial_every`` steps (Martens & Grosse 2015 adapt λ every
+            5): a trial costs about one forward pass.
+        momentum: ``None`` (no momentum), a fixed coefficient μ in [0, 1) (``δ = −lr·n +
+            μ·δ_prev``), or ``"auto"``: ``δ = a·(−n) + b·δ_prev`` with ``a`` and ``b`` minimising
+            the damped quadratic model on that plane (Martens & Grosse 2015, §7), at the cost of
+            one Fisher product of ``δ_prev``; ``lr`` then scales the model's optimal step.
+        preconditioner: ``None`` or ``"adam"``: preconditioned CG (method ``"pcg"``) with the
+            diagonal ``(v + ε)^preconditioner_power``, ``v`` the running second moment of the
+            gradient (decay ``preconditioner_beta``). It costs no product. At λ = 0 the solve
+            of a singular system then returns the minimum-``M``-norm solution, not the
+            Euclidean one; the function-space step ``J·n`` is the same.
+        progress_tol: method ``"pcg"`` also stops once the quadratic's relative progress over
+            the last ``k = max(10, i/10)`` iterations falls below ``k·progress_tol`` (Martens
+            2010, §4.4); 0 turns that test off.
         backend: linearization backend (``"auto"``, ``"torch"``, ``"triton"``, ``"autograd"``).
         mc_samples: sampled labels per example for ``fisher="mc"``.
         seed: seed of the generator for the subsample and Monte-Carlo labels.
@@ -164,7 +184,7 @@ class NGD(torch.optim.Optimizer):
                  curvature_fraction: float = 1.0, reject_steps: bool = True,
                  momentum: str | float | None = None, preconditioner: str | None = None,
                  preconditioner_beta: float = 0.999, preconditioner_power: float = 0.5,
-                 progress_tol: float = 5e-4,
+                 progress_tol: float = 5e-4, trial_every: int = 1,
                  backend: str = "auto", mc_samples: int = 1, seed: int = 0,
                  keep_history: bool = True, nonfinite: str = "skip") -> None:
         if not isinstance(model, nn.Module):
@@ -222,6 +242,10 @@ class NGD(torch.optim.Optimizer):
             power=positive("preconditioner_power", preconditioner_power, upper=4.0))
         progress_tol = positive("progress_tol", progress_tol, allow_zero=True)
         mc_samples = count("mc_samples", mc_samples)
+        trial_every = count("trial_every", trial_every)
+        if trial_every > 1 and reject_steps:
+            raise ValueError(f"trial_every: {trial_every} skips trial evaluations that "
+                             "reject_steps=True needs at every step; pass reject_steps=False")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if not -2**63 <= seed < 2**64:
@@ -248,6 +272,7 @@ class NGD(torch.optim.Optimizer):
         self.preconditioner = preconditioner
         self._precond_rule = precond_rule
         self.progress_tol = progress_tol
+        self.trial_every = trial_every
         self.mc_samples = mc_samples
         self.keep_history = keep_history
         self.nonfinite = nonfinite
@@ -469,9 +494,11 @@ class NGD(torch.optim.Optimizer):
         """The whole optimizer, for ``copy.deepcopy`` and pickle (torch's own keeps only the
         defaults, state and groups, which would leave an NGD without its model or damping).
         As with torch's optimizers, hooks are not carried. The names keyed by ``id(parameter)``
-        are rebuilt on the other side; the workspace's buffers are scratch."""
+        are rebuilt on the other side; the workspace's buffers are scratch. An LR scheduler
+        wraps ``step`` on the instance, with a reference to this optimizer: the wrapper stays
+        behind (the copy's ``step`` is NGD's own, and a scheduler made for the copy wraps it)."""
         state = {key: value for key, value in self.__dict__.items()
-                 if not key.endswith("_hooks") and key != "_names"}
+                 if not key.endswith("_hooks") and key not in _NOT_COPIED}
         state["workspace"] = Workspace()
         return state
 

@@ -53,6 +53,9 @@ class _StepRun:
         self.stats: dict[str, Any] = {}
         self.op: GuardedOperator | None = None
         self.model_note = ""  # set when the step's quadratic model was evaluated
+        # The trial forward (ρ, rejection): every step when rejecting, else every trial_every.
+        self.trial = opt.reject_steps or (opt.adaptive_damping
+                                          and (opt.steps + 1) % opt.trial_every == 0)
 
     # --- booking ---
     def _finish(self, book: Book) -> None:
@@ -262,8 +265,7 @@ class _StepRun:
         d2 = opt._state_flat("momentum_buffer", params) if momentum != 0.0 else None
         if d2 is not None:
             d2 = d2.to(n.dtype)
-        evaluate = opt.adaptive_damping or opt.reject_steps
-        need_model = evaluate or momentum == "auto"
+        need_model = self.trial or momentum == "auto"
         c1 = g11 = math.nan
         if need_model:
             with torch.no_grad():
@@ -349,7 +351,7 @@ class _StepRun:
             for p, c in zip(params, chunks):
                 if id(p) in in_group:
                     self._put(p, "momentum_buffer", c.view(p.shape).clone())
-        if not (opt.adaptive_damping or opt.reject_steps):
+        if not self.trial:
             stats.update(accepted=True, reason="accepted")
             self._finish(self._book(damping=opt.damping))
             return
