@@ -589,3 +589,35 @@ def test_step_invariants(case):
         with torch.no_grad():
             after = float(loss_fn(model(x), y))
         assert after <= s.loss
+
+
+def test_copies_of_an_optimizer_with_a_scheduler_step_themselves():
+    """A scheduler wraps ``opt.step`` on the instance; a deep copy (and a pickle) must not carry
+    that wrapper, which would drive the original optimizer."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = NGD(model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+
+    def closure_of(o, m):
+        def closure():
+            o.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    opt.step(closure_of(opt, model))
+    sched.step()
+    twin = copy.deepcopy(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    twin.step(closure_of(twin, twin.model))
+    assert (opt.steps, twin.steps) == (1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    revived = pickle.loads(pickle.dumps(opt))
+    revived.step(closure_of(revived, revived.model))
+    assert (opt.steps, revived.steps) == (1, 2)
