@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import report
+from . import report, runner
 from .contenders import FAMILIES, NGD_CONFIGS, contenders, heavyball_module, parse_ngd_config
 from .problems import PROBLEMS, make_problem
 from .runner import machine, run_one, warm_up
@@ -55,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
                    help="untimed steps per contender on a throwaway model first (1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="optimizer time: wall seconds (default), or the process's CPU seconds "
+                        "at one torch thread (robust to other load on the machine; implies "
+                        "--threads 1; CPU devices only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -67,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         p.error(f"--seeds: expected an integer ≥ 1, got {args.seeds}")
     if args.warmup < 0:
         p.error(f"--warmup: expected an integer ≥ 0, got {args.warmup}")
+    if args.clock == "cpu":
+        if args.threads not in (None, 1) or args.device != "cpu":
+            p.error("--clock: cpu needs --threads 1 and --device cpu")
+        args.threads = 1
+    runner.use_clock(args.clock)
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads: expected an integer ≥ 1, got {args.threads}")

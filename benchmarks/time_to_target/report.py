@@ -125,7 +125,8 @@ def markdown(results: dict[str, Any], pngs: dict[str, str]) -> str:
            f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}"
            + (f", GPU {m['gpu']}" if m.get("gpu") else "")
            + f"; Python {m['python']}, torch {m['torch']}, triton {m['triton']}, "
-           f"heavyball {m['heavyball'] or 'not installed'}.", "",
+           f"heavyball {m['heavyball'] or 'not installed'}. Optimizer seconds: "
+           f"{m.get('clock', 'wall')}.", "",
            f"Command: `{results['command']}`", "",
            "Optimizer seconds only (closure + step; batches and evaluation off the clock); the "
            "same batches for every contender of a seed. Each cell is the median over seeds "
