@@ -76,7 +76,9 @@ def update_direction(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
     if fused is not None:
         return fused.update_direction(p, r, beta)
     if p.device.type == "cpu":  # one pass (reading β is free here) instead of mul_ then add_
-        return torch.add(r, p, alpha=float(beta), out=p)
+        b = float(beta)
+        if abs(b) <= torch.finfo(p.dtype).max:  # else torch refuses the Python float (float16)
+            return torch.add(r, p, alpha=b, out=p)
     return p.mul_(beta.to(p.dtype)).add_(r)
 
 

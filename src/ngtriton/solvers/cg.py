@@ -31,7 +31,8 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     returns the minimum-norm solution ``M⁺ b``. Stops when ``‖r‖/‖b‖ ≤ max(tol, atol/‖b‖)``
     (``r`` from the recurrence), after ``maxiter`` iterations (default
     ``min(2n + 10, 10_000)``), or on breakdown (``pᵀMp ≤ 0`` or non-finite scalars: ``M`` is
-    not PSD, or the Krylov space is exhausted); the iterate is then frozen, never NaN.
+    not PSD, or the Krylov space is exhausted; in float16/bfloat16 also a step α or β, or an
+    iterate, beyond the dtype's range); the iterate is then frozen, never NaN or Inf.
 
     Scalars stay on the device; the host reads them every ``check_every`` iterations. On CUDA a
     value > 1 avoids one synchronisation per iteration at the price of up to ``check_every − 1``
@@ -70,24 +71,39 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     rr = vo.dot(r, r)
     threshold = max(tol, atol / bnorm, torch.finfo(rr.dtype).eps)  # as Monitor's
     tiny = torch.finfo(rr.dtype).tiny
+    narrow = b.dtype in (torch.float16, torch.bfloat16)
+    fmax = torch.finfo(b.dtype).max
     if not b.is_cuda and check_every == 1:
         rr_host = float(rr)
         if math.sqrt(rr_host) / bnorm <= threshold:
             return trivial_result(x, "cg", "converged", math.sqrt(rr_host) / bnorm)
         p.copy_(r)
-        return _cg_host(matvec, x, r, p, rr_host, bnorm, threshold, maxiter, tiny)
+        return _cg_host(matvec, x, r, p, rr_host, bnorm, threshold, maxiter, tiny, narrow)
     mon = Monitor(rr.sqrt() / bnorm, threshold, check_every)
     if mon.residual <= mon.threshold:
         return trivial_result(x, "cg", "converged", mon.residual)
     p.copy_(r)
+    # In float16/bfloat16 a finite step can overflow the iterate (α·p > 65504): keep the
+    # previous iterate there, restored unless the update stayed finite (two more passes).
+    backup = torch.empty_like(x) if narrow else None
     for _ in range(maxiter):
         Ap = matvec(p)
         pAp = vo.dot(p, Ap)
         ok = mon.running & torch.isfinite(pAp) & (pAp > tiny)
-        Ap = torch.where(ok, Ap, 0)  # a non-finite product must not leak into the iterates
         alpha = torch.where(ok, rr / torch.where(ok, pAp, 1), 0)
+        if narrow:  # α itself must fit the vectors' dtype
+            ok = ok & (alpha.abs() <= fmax)
+            alpha = torch.where(ok, alpha, 0)
+            backup.copy_(x)
+        Ap = torch.where(ok, Ap, 0)  # a non-finite product must not leak into the iterates
         rr_new = vo.cg_update(x, r, p, Ap, alpha)
+        if narrow:
+            ok = ok & vo.all_finite(x) & torch.isfinite(rr_new)
+            x.copy_(torch.where(ok, x, backup))
         beta = torch.where(ok & (rr > 0), rr_new / torch.where(rr > 0, rr, 1), 0)
+        if narrow:
+            beta = torch.where(beta <= fmax, beta, 0)
+            ok = ok & (beta <= fmax)
         vo.update_direction(p, r, beta)
         rr = torch.where(ok, rr_new, rr)
         if mon.record(ok, rr.sqrt() / bnorm):
@@ -96,12 +112,18 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
 
 
 def _cg_host(matvec: Matvec, x: Tensor, r: Tensor, p: Tensor, rr: float, bnorm: float,
-             threshold: float, maxiter: int, tiny: float) -> SolveResult:
+             threshold: float, maxiter: int, tiny: float, narrow: bool) -> SolveResult:
     """The same iteration with its scalars on the host: off CUDA reading a scalar costs nothing,
     and Python floats spare the ~20 dispatches of 0-d tensor arithmetic per iteration that the
-    device-side loop needs. Stops, reasons and the frozen-iterate guarantee are the same."""
+    device-side loop needs. Stops, reasons and the frozen-iterate guarantee are the same.
+
+    ``narrow`` (float16/bfloat16 vectors): α and β must fit the dtype (torch refuses to convert
+    a larger Python float), and ``x + αp`` is formed in a spare buffer and taken only when
+    finite; either failure is a breakdown with the previous iterate kept."""
     history: list[float] = []
     reason = "maxiter"
+    fmax = torch.finfo(x.dtype).max
+    out, spare = x, (torch.empty_like(x) if narrow else None)
     for _ in range(maxiter):
         Ap = matvec(p)
         pAp = float(vo.dot(p, Ap))
@@ -109,20 +131,37 @@ def _cg_host(matvec: Matvec, x: Tensor, r: Tensor, p: Tensor, rr: float, bnorm: 
             reason = "breakdown"
             break
         alpha = rr / pAp
-        x.add_(p, alpha=alpha)
+        if narrow:
+            if not abs(alpha) <= fmax:
+                reason = "breakdown"
+                break
+            torch.add(x, p, alpha=alpha, out=spare)
+        else:
+            x.add_(p, alpha=alpha)
         r.add_(Ap, alpha=-alpha)
         rr_new = float(vo.dot(r, r))
+        if narrow and not (math.isfinite(rr_new) and bool(vo.all_finite(spare))):
+            reason = "breakdown"  # x is untouched
+            break
         if not math.isfinite(rr_new):  # cannot happen after a finite pAp; keep x finite anyway
             x.sub_(p, alpha=alpha)
             reason = "breakdown"
             break
+        if narrow:
+            x, spare = spare, x
         history.append(math.sqrt(rr_new) / bnorm)
         if history[-1] <= threshold:
             reason = "converged"
             break
-        torch.add(r, p, alpha=rr_new / rr, out=p)  # p = r + βp, as vo.update_direction
+        beta = rr_new / rr
+        if narrow and not beta <= fmax:
+            reason = "breakdown"
+            break
+        torch.add(r, p, alpha=beta, out=p)  # p = r + βp, as vo.update_direction
         rr = rr_new
+    if x is not out:  # the caller's buffer (a workspace's) holds the answer
+        out.copy_(x)
     residual = history[-1] if history else math.sqrt(rr) / bnorm
-    return SolveResult(x=x, iterations=len(history), residual=residual,
+    return SolveResult(x=out, iterations=len(history), residual=residual,
                        converged=reason == "converged", reason=reason, method="cg",
                        history=history)

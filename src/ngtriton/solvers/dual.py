@@ -33,14 +33,6 @@ def kernel_matrix(op: Any, chunk_size: int = 256) -> Tensor:
 DENSE_FACTOR_MAX_ELEMENTS = 1 << 26
 
 
-def _eig(K: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
-    """Kept eigenpairs of PSD ``K``: eigenvalues ``≤ cutoff·μ_max`` are treated as zero."""
-    mu, U = torch.linalg.eigh(K)
-    mu_max = float(mu.max()) if mu.numel() else 0.0
-    keep = mu > cutoff * max(mu_max, 0.0)
-    return mu[keep], U[:, keep]
-
-
 def _relres(op: Any, rhs: Tensor, x: Tensor) -> float:
     rnorm = float(vo.norm(rhs))
     return float(vo.norm(rhs - op.damped_matvec(x))) / rnorm if rnorm > 0 else 0.0
@@ -55,16 +47,19 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
     (error ~κ(A)·u, not κ(A)²·u). When the dense ``Aᵀ`` would exceed
     ``DENSE_FACTOR_MAX_ELEMENTS``, K is built as ``A(AᵀI)`` instead (R products of each kind).
 
-    With ``b`` (``Aᵀb = rhs``): ``n = Aᵀ U diag(1/(μ+λ)) Uᵀ b`` over the kept eigenpairs
-    (``1/μ`` for λ = 0, the pseudo-inverse). With only ``rhs``: Woodbury's
-    ``n = (rhs − Aᵀ(K+λ)⁻¹A rhs)/λ`` (λ > 0) or ``n = Aᵀ K⁺K⁺ A rhs = F⁺ rhs`` (λ = 0), so an
-    rhs outside range(F) is handled exactly too. At λ = 0 eigenvalues below
-    ``max((4·√min(P, R)·eps)², R·eps₆₄)·μ_max`` (dense Aᵀ: the rounding noise of A) or
-    ``R·eps·μ_max`` (K from products) are treated as zero, eps of the operator's dtype; with
-    λ > 0 every eigenvalue is kept. ``residual`` is computed explicitly,
+    Eigenvalues of K below ``max((4·√min(P, R)·eps)², R·eps₆₄)·μ_max`` (dense Aᵀ: the rounding
+    noise of A) or ``R·eps·μ_max`` (K from products), eps of the operator's dtype, are treated
+    as zero at every λ: with a λ near or below that noise, ``1/(μ+λ)`` would multiply rounding
+    noise by up to ``1/λ``. With ``b`` (``Aᵀb = rhs``): ``n = Aᵀ U diag(1/(μ+λ)) Uᵀ b`` over
+    the kept eigenpairs (at λ = 0 the pseudo-inverse). With only ``rhs``: its part in
+    range(Aᵀ) is solved as ``n = Aᵀ U diag(1/(μ(μ+λ))) Uᵀ A rhs`` (``F⁺ rhs`` at λ = 0); a
+    remainder above ``√eps·‖rhs‖`` (an rhs outside range(F)) at λ > 0 goes through Woodbury,
+    ``n = (rhs − Aᵀ(K+λ)⁻¹A rhs)/λ``, exact there. ``residual`` is computed explicitly,
     ``‖rhs − (F+λI)n‖/‖rhs‖`` (one more product), and ``converged`` says whether it is below
-    ``max(tol, √eps)``; for an inconsistent rhs at λ = 0 it is not small although
-    ``n = F⁺ rhs`` then, and ``converged`` is True.
+    ``max(tol, √eps)``, or below what a residual computed in the operator's dtype can reach,
+    ``10·eps·‖F + λI‖·‖n‖/‖rhs‖`` (as MINRES's check); for an rhs outside range(F) at λ = 0 it
+    is the residual's part inside range(F) that must be that small (the rest is left by ``F⁺``
+    by construction).
     """
     if rhs is None and b is None:
         raise ValueError("rhs: dual_direct needs rhs or b")
@@ -101,34 +96,60 @@ def dual_direct(op: Any, rhs: Tensor | None = None, b: Tensor | None = None, *,
         return SolveResult(x=torch.zeros_like(rhs), iterations=0, residual=math.inf,
                            converged=False, reason="breakdown", method="dual-direct",
                            history=[])
-    # With damping (K + λI) is well conditioned: keep every direction. At λ = 0 the
-    # pseudo-inverse must drop the noise-level eigenvalues.
-    mu, U = _eig((K + K.T) * 0.5, cutoff if lam == 0 else 0.0)
+    # Eigenvalues at the noise level are zero, whatever λ: 1/(μ+λ) of a noise μ and a tiny λ
+    # would multiply rounding noise by up to 1/λ. A true μ there is unknowable anyway.
+    mu_all, U_all = torch.linalg.eigh((K + K.T) * 0.5)
+    mu_max = max(float(mu_all.max()), 0.0) if mu_all.numel() else 0.0
+    keep = mu_all > cutoff * mu_max
+    mu, U = mu_all[keep], U_all[:, keep]
     rhs_w = rhs.to(wide)
-    good = max(tol, torch.finfo(op.dtype).eps ** 0.5)
+    rnorm = float(torch.linalg.vector_norm(rhs_w))
+    eps = torch.finfo(op.dtype).eps
+    good = max(tol, eps ** 0.5)
 
-    def from_rhs() -> Tensor:
+    def accepted(res: float, x: Tensor) -> bool:
+        """``res`` within tolerance, or within what a residual computed in the operator's
+        dtype can reach, ~10·eps·‖F + λI‖·‖x‖/‖rhs‖ (as MINRES's explicit check)."""
+        floor = 10 * eps * (mu_max + lam) * float(vo.norm(x)) / rnorm
+        return res <= max(good, floor)
+
+    def from_rhs() -> tuple[Tensor, float, bool]:
+        """x for ``rhs`` alone, its residual, and whether it converged. The part of rhs in
+        range(Aᵀ), ``Aᵀy``, is solved on the kept eigenpairs without dividing by λ. The rest,
+        ``rhs⊥``: at λ = 0, F⁺ ignores it (the residual it leaves is not held against the
+        solve); at λ > 0 it is rounding noise when below ``√eps·‖rhs‖`` (a gradient computed
+        apart from A) and dropped, else (F+λI)⁻¹ sends it to ``rhs⊥/λ``: Woodbury's
+        ``(rhs − Aᵀ(K+λ)⁻¹A rhs)/λ`` on every positive eigenpair, taken if its residual is
+        smaller."""
         c = U.T @ apply_A(rhs_w)
-        if lam > 0:  # Woodbury: (AᵀA + λI)⁻¹ = (I − Aᵀ(AAᵀ + λI)⁻¹A)/λ, no K⁺ needed
-            return ((rhs_w - apply_At(U @ (c / (mu + lam)))) / lam).to(op.dtype)
-        return apply_At(U @ (c / (mu * mu))).to(op.dtype)
+        perp = rhs_w - apply_At(U @ (c / mu))
+        x = apply_At(U @ (c / (mu * (mu + lam)))).to(op.dtype)
+        r = rhs_w - op.damped_matvec(x).to(wide)
+        res = float(torch.linalg.vector_norm(r)) / rnorm
+        if lam == 0:
+            return x, res, accepted(float(torch.linalg.vector_norm(r - perp)) / rnorm, x)
+        small_perp = float(torch.linalg.vector_norm(perp)) <= eps ** 0.5 * rnorm
+        if small_perp and accepted(res, x):
+            return x, res, True
+        pos = mu_all > 0
+        Up = U_all[:, pos]
+        cw = Up.T @ apply_A(rhs_w)
+        xw = ((rhs_w - apply_At(Up @ (cw / (mu_all[pos] + lam)))) / lam).to(op.dtype)
+        resw = _relres(op, rhs, xw)
+        return (xw, resw, accepted(resw, xw)) if resw < res else (x, res, accepted(res, x))
 
     if b is not None:
         x = apply_At(U @ ((U.T @ b.to(wide)) / (mu + lam))).to(op.dtype)
         res = _relres(op, rhs, x)
-        if not res <= good:
+        converged = accepted(res, x)
+        if not converged:
             # b can be huge (a confidently wrong classifier: b ~ 1/√p of the true class) and
             # the b-formula then cancels badly; the same eigenpairs applied to rhs do not.
-            x_rhs = from_rhs()
-            res_rhs = _relres(op, rhs, x_rhs)
+            x_rhs, res_rhs, conv_rhs = from_rhs()
             if res_rhs < res:
-                x, res = x_rhs, res_rhs
+                x, res, converged = x_rhs, res_rhs, conv_rhs
     else:
-        x = from_rhs()
-        res = _relres(op, rhs, x)
-    # An rhs outside range(F) at λ = 0 leaves a residual by construction (x = F⁺ rhs still).
-    consistent = lam > 0 or b is not None
-    converged = not consistent or res <= good
+        x, res, converged = from_rhs()
     return SolveResult(x=x, iterations=0, residual=res, converged=converged, reason="direct",
                        method="dual-direct", history=[])
 

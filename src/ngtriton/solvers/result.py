@@ -11,6 +11,7 @@ from torch import Tensor
 
 REASONS = ("converged", "maxiter", "breakdown", "krylov space exhausted", "direct", "zero rhs")
 MAXITER_CAP = 10_000
+ON_UNCONVERGED = ("warn", "raise", "ignore")
 
 _CONVERGED, _EXHAUSTED, _BREAKDOWN = 1, 2, 3
 _CODE_REASON = {0: "maxiter", _CONVERGED: "converged", _EXHAUSTED: "krylov space exhausted",
@@ -48,6 +49,30 @@ class SolveResult:
                 f"residual={self.residual:.3e})")
 
 
+class ConvergenceWarning(UserWarning):
+    """A solve stopped before its stopping test was met: its ``x`` is an approximation."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` under ``on_unconverged="raise"``; the
+    unconverged :class:`SolveResult` is its ``result``."""
+
+    def __init__(self, message: str, result: SolveResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def check_on_unconverged(value: Any) -> str:
+    """Validate ``on_unconverged``; the error names it."""
+    if not isinstance(value, str):
+        raise TypeError(f"on_unconverged: expected one of {', '.join(map(repr, ON_UNCONVERGED))}"
+                        f", got {type(value).__name__}")
+    if value not in ON_UNCONVERGED:
+        raise ValueError(f"on_unconverged: expected one of "
+                         f"{', '.join(map(repr, ON_UNCONVERGED))}, got {value!r}")
+    return value
+
+
 def check_options(tol: float, atol: float, maxiter: int | None, check_every: int
                   ) -> tuple[float, float, int | None, int]:
     """Validate the common solver options; errors name the offending argument."""
@@ -55,6 +80,10 @@ def check_options(tol: float, atol: float, maxiter: int | None, check_every: int
     for name, value in (("tol", tol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{name}: {value!r:.40} is too large for a float") from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}: expected a finite number ≥ 0, got {value!r}")
         out.append(float(value))
