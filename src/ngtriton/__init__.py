@@ -5,11 +5,19 @@ it; ``solve`` runs a Krylov (or sample-space) solver on it; ``natural_gradient``
 """
 
 from .fisher import FISHER_TYPES, FisherOperator
-from .likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Likelihood
-from .linearize import ForwardRecord, linearize
+from .likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    GaussianPrecision,
+    Likelihood,
+)
+from .linearize import ForwardRecord, NotLinearizable, linearize
+from .losses import SUPPORTED_LOSSES, LossCapture, LossTerms, loss_terms
 from .natgrad import natural_gradient
 from .optim import NGD, NGDStats, NonFiniteError
-from .solvers import SolveResult, solve
+from .solvers import ConvergenceError, ConvergenceWarning, SolveResult, solve
 
 __version__ = "0.1.0"
 
@@ -17,16 +25,24 @@ __all__ = [
     "FISHER_TYPES",
     "LIKELIHOODS",
     "NGD",
+    "SUPPORTED_LOSSES",
     "Bernoulli",
     "Categorical",
+    "ConvergenceError",
+    "ConvergenceWarning",
     "FisherOperator",
     "ForwardRecord",
     "Gaussian",
+    "GaussianPrecision",
     "Likelihood",
+    "LossCapture",
+    "LossTerms",
     "NGDStats",
     "NonFiniteError",
+    "NotLinearizable",
     "SolveResult",
     "linearize",
+    "loss_terms",
     "natural_gradient",
     "solve",
 ]

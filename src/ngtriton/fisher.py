@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
 from .linearize import ForwardRecord, Linearization, linearize, resolve_backend
+from .linearize.outputs import OutputSelector, check_selector
 from .linearize.rules import OutputEpilogue
+from .losses import check_loss, likelihood_terms, loss_terms, loss_value
 
 FISHER_TYPES = ("exact", "mc", "empirical")
 
@@ -51,10 +53,13 @@ def output_kernels(likelihood: Likelihood, backend: str) -> tuple[Any, Any, Any]
 
 def check_damping(damping: float) -> float:
     """Return ``damping`` as a float; ValueError naming it unless finite and ≥ 0."""
+    scalar_tensor = isinstance(damping, Tensor) and damping.numel() == 1
+    if isinstance(damping, bool) or not (isinstance(damping, int | float) or scalar_tensor):
+        raise TypeError(f"damping: expected a number, got {type(damping).__name__}")
     try:
         value = float(damping)
-    except (TypeError, ValueError):
-        raise TypeError(f"damping: expected a number, got {type(damping).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"damping: {damping!r:.40} is too large for a float") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"damping: expected a finite number ≥ 0, got {damping!r}")
     return value
@@ -81,30 +86,36 @@ def check_model_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor
     return params
 
 
-def _rows(targets: Any, out_shape: torch.Size) -> Any:
-    """Targets laid out like the model's outputs ``(..., m)``, or like them without the last
-    dimension (class indices), flattened to rows as the outputs are; others as given (the
-    likelihood then checks them against the rows ``(N, m)``)."""
-    if isinstance(targets, Tensor) and len(out_shape) > 2:
-        if targets.shape == out_shape:
-            return targets.reshape(-1, out_shape[-1])
-        if targets.shape == out_shape[:-1]:
-            return targets.reshape(-1)
-    return targets
-
-
 class FisherOperator:
     """``F + λI`` of ``model`` on one batch, without ever forming it (see module docstring).
 
     Args:
-        model: the network; its forward is run once, here, as ``model(*inputs)``.
+        model: the network; its forward is run once, here, as ``model(*inputs)``, with every
+            dropout off and its buffers (BatchNorm statistics) left as they were.
         inputs: a tensor or a tuple of positional inputs (tensors, None, numbers, or
             tuples, lists and dicts of them).
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a
-            :class:`~ngtriton.likelihoods.Likelihood`.
-        targets: observed labels; needed for the gradient and for ``fisher="empirical"``.
+            :class:`~ngtriton.likelihoods.Likelihood`: the low-level interface, where the loss
+            is the mean negative log-likelihood over the rows of the outputs ``(..., m)``
+            (default ``"categorical"``). Not together with ``loss``.
+        loss: a torch loss module (``nn.CrossEntropyLoss``, ``nn.MSELoss``,
+            ``nn.BCEWithLogitsLoss``, ``nn.GaussianNLLLoss``) applied to the model's outputs
+            as torch applies it: the Fisher is then the generalised Gauss–Newton matrix of
+            exactly that loss, with its reduction, class layout, ``ignore_index`` and label
+            smoothing (see :mod:`ngtriton.losses`); :meth:`gradient` is its gradient and
+            :meth:`loss` its value. Configurations whose curvature this does not cover are
+            refused, never approximated.
+        targets: observed labels (for ``loss``: the loss's target, ``(target, var)`` for
+            GaussianNLLLoss); needed for the gradient, for ``fisher="empirical"`` and for
+            ``loss``.
+        output: which tensor of the model's output to use when it returns a tuple, a dict or
+            a Hugging Face ``ModelOutput``: a key or attribute name, a tuple index, or a
+            callable taking the output. Default: the tensor itself, else ``"logits"``, else
+            a tuple's first tensor.
         fisher: ``"exact"``, ``"mc"`` (sampled labels) or ``"empirical"`` (observed labels).
-        damping: Tikhonov damping λ ≥ 0 added by :meth:`matvec` (``F + λI``).
+        damping: Tikhonov damping λ ≥ 0 added by :meth:`matvec` (``F + λI``). It is in the
+            units of the loss: with ``loss=`` a summed loss has a Fisher R times the mean's, so
+            the same λ damps it R times less.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"autograd"`` (see :func:`linearize`).
         mc_samples: labels drawn per example for ``fisher="mc"``.
         generator: a ``torch.Generator`` that makes the Monte-Carlo labels reproducible.
@@ -114,23 +125,39 @@ class FisherOperator:
 
     Vectors are flat tensors of length ``P`` (all trainable parameters, in
     ``model.parameters()`` order) or lists of tensors shaped like the parameters; products return
-    the same kind they were given.
+    the same kind they were given. Output-side tensors (:meth:`jvp`, :attr:`outputs`) are rows
+    ``(R, m)``: the counted rows of the outputs, classes last.
     """
 
-    def __init__(self, model: nn.Module, inputs: Any, likelihood: str | Likelihood = "categorical",
-                 *, targets: Tensor | None = None, fisher: str = "exact", damping: float = 0.0,
-                 backend: str = "auto", mc_samples: int = 1,
+    def __init__(self, model: nn.Module, inputs: Any,
+                 likelihood: str | Likelihood | None = None, *, loss: nn.Module | None = None,
+                 targets: Any = None, output: OutputSelector = None, fisher: str = "exact",
+                 damping: float = 0.0, backend: str = "auto", mc_samples: int = 1,
                  generator: torch.Generator | None = None,
                  record: ForwardRecord | None = None) -> None:
         inputs = _as_tuple(inputs)
         params = check_model_inputs(model, inputs)
-        self.likelihood = get_likelihood(likelihood)
+        if loss is not None and likelihood is not None:
+            raise ValueError("loss: give loss= or likelihood=, not both (the loss decides the "
+                             "likelihood)")
+        if loss is not None:
+            check_loss(loss)
+            if targets is None:
+                raise ValueError("targets: loss= needs the targets the loss is computed with")
+        else:
+            likelihood = get_likelihood("categorical" if likelihood is None else likelihood)
+        output = check_selector(output)
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher: expected one of {list(FISHER_TYPES)}, got {fisher!r}")
         if fisher == "empirical" and targets is None:
             raise ValueError("targets: fisher='empirical' needs the observed targets")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples: expected an integer ≥ 1, got {mc_samples!r}")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or not \
+                1 <= mc_samples < 2**31:
+            raise ValueError(f"mc_samples: expected an integer in [1, 2³¹), got "
+                             f"{mc_samples!r:.40}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         self.fisher = fisher
         self.damping = check_damping(damping)
         self._shapes = [p.shape for p in params]
@@ -141,19 +168,29 @@ class FisherOperator:
         self.backend = resolve_backend(backend, self.device)
         if record is not None and not isinstance(record, ForwardRecord):
             raise TypeError(f"record: expected a ForwardRecord, got {type(record).__name__}")
-        self.linearization: Linearization = linearize(model, inputs, self.backend, record)
-        self._kernels = output_kernels(self.likelihood, self.backend)
+        self.linearization: Linearization = linearize(model, inputs, self.backend, record,
+                                                      output)
         out = self.linearization.outputs
-        self._out_shape = out.shape
-        outputs = out.reshape(-1, 1) if out.ndim == 1 else out.reshape(-1, out.shape[-1])
-        if outputs.shape[0] == 0:
+        if out.numel() == 0:
             raise ValueError("inputs: the batch is empty")
+        self.loss_module = loss
+        self._raw_targets = targets
+        terms = (loss_terms(loss, out, targets) if loss is not None
+                 else likelihood_terms(likelihood, out, targets))
+        self.likelihood = terms.likelihood
+        self._kernels = output_kernels(self.likelihood, self.backend)
+        self._out_shape = out.shape
+        self._in_dim1, self._keep = terms.classes_in_dim1, terms.keep
+        self._flat_rows = terms.flat_rows
+        self.num_outputs = terms.num_outputs
+        self._all_rows = out.numel() // self.num_outputs
+        outputs = self._to_rows(out)
         self.outputs = outputs
-        self.num_examples, self.num_outputs = outputs.shape
-        self.targets = (None if targets is None else
-                        self.likelihood.check_targets(outputs, _rows(targets, out.shape)))
+        self.num_examples = outputs.shape[0]
+        self.targets = terms.targets
+        self._weight = terms.weight
         self._state = self.likelihood.fisher_state(outputs)
-        self._scale = 1.0 / math.sqrt(self.num_examples)
+        self._scale = math.sqrt(self._weight)
         self._dense_factor: Tensor | None = None
         if fisher == "mc":
             try:
@@ -170,6 +207,26 @@ class FisherOperator:
         self.num_rows = self.num_examples * self.factor_dim
         self._gradient: Tensor | None = None
         self._gradient_factor: tuple[Tensor | None] | None = None
+
+    # --- the outputs as rows --------------------------------------------------------------------
+    def _to_rows(self, z: Tensor, lead: int = 0) -> Tensor:
+        """Outputs (after ``lead`` batch dims) → the counted rows ``(R, m)``, classes last."""
+        if self._in_dim1:
+            z = z.movedim(lead + 1, -1)
+        z = z.reshape(*z.shape[:lead], -1, self.num_outputs)
+        return z if self._keep is None else z.index_select(lead, self._keep)
+
+    def _from_rows(self, w: Tensor, lead: int = 0) -> Tensor:
+        """The transpose of :meth:`_to_rows`: rows → outputs (zero in the rows not counted)."""
+        front = w.shape[:lead]
+        if self._keep is not None:
+            full = w.new_zeros((*front, self._all_rows, self.num_outputs))
+            w = full.index_copy_(lead, self._keep, w)
+        if self._in_dim1:
+            S = self._out_shape
+            w = w.reshape(*front, S[0], *S[2:], S[1]).movedim(-1, lead + 1)
+            return w.contiguous()
+        return w.reshape(*front, *self._out_shape)
 
     # --- shapes and conversions -------------------------------------------------------------
     @property
@@ -203,10 +260,10 @@ class FisherOperator:
 
     # --- the network's Jacobian and the output factor ----------------------------------------
     def _jvp(self, v: Tensor) -> Tensor:
-        return self.linearization.jvp(self.unflatten(v)).reshape(self.outputs.shape)
+        return self._to_rows(self.linearization.jvp(self.unflatten(v)))
 
     def _vjp(self, w: Tensor) -> Tensor:
-        return self.flatten(self.linearization.vjp(w.reshape(self._out_shape)))
+        return self.flatten(self.linearization.vjp(self._from_rows(w)))
 
     def _fvp_outputs(self, u: Tensor) -> Tensor:
         if self._dense_factor is not None:
@@ -235,9 +292,10 @@ class FisherOperator:
         done (not the Triton backend and an exact categorical/bernoulli Fisher, or the outputs
         not written by a Linear): saves a pass over ``J v`` and a launch per product."""
         accepts = getattr(self.linearization, "accepts_epilogue", None)
-        if self._kernels is None or self._dense_factor is not None or accepts is None:
+        if (self._kernels is None or self._dense_factor is not None or accepts is None
+                or self._in_dim1 or self._keep is not None):
             return None
-        epilogue = OutputEpilogue(self.likelihood.name, self._state, 1.0 / self.num_examples)
+        epilogue = OutputEpilogue(self.likelihood.name, self._state, self._weight)
         return epilogue if accepts(epilogue) else None
 
     # --- products on flat vectors (the solvers' interface) ------------------------------------
@@ -247,7 +305,7 @@ class FisherOperator:
         if epilogue is not None:  # J v and F_R/N in one pass (see _epilogue)
             return self._vjp(self.linearization.jvp(self.unflatten(v), epilogue))
         u = self._jvp(v)
-        return self._vjp(self._fvp_outputs(u) * (1.0 / self.num_examples))
+        return self._vjp(self._fvp_outputs(u) * self._weight)
 
     def damped_matvec(self, v: Tensor) -> Tensor:
         """``(F + λI) v`` for a flat ``v``."""
@@ -300,7 +358,7 @@ class FisherOperator:
         cols = V.t()
         tangents = [c.reshape(cols.shape[0], *s) for c, s in
                     zip(cols.split(self._sizes, dim=1), self._shapes)]
-        out = batched(tangents).reshape(cols.shape[0], *self.outputs.shape)
+        out = self._to_rows(batched(tangents).reshape(cols.shape[0], *self._out_shape), lead=1)
         rows = torch.stack([self._factor_t(o) for o in out.unbind(0)])
         return (rows * self._scale).reshape(cols.shape[0], -1).t()
 
@@ -311,7 +369,7 @@ class FisherOperator:
             return self._columns(self.factor_rmatvec, U)
         cols = U.t().reshape(U.shape[1], self.num_examples, self.factor_dim)
         w = torch.stack([self._factor(c) for c in cols.unbind(0)]) * self._scale
-        grads = batched(w.reshape(U.shape[1], *self._out_shape))
+        grads = batched(self._from_rows(w, lead=1))
         return torch.cat([g.reshape(U.shape[1], -1) for g in grads], dim=1).t()
 
     # --- the public product API ----------------------------------------------------------------
@@ -361,14 +419,20 @@ class FisherOperator:
         return self.targets
 
     def loss(self) -> Tensor:
-        """The mean negative log-likelihood at the linearization point."""
-        return self.likelihood.loss(self.outputs, self._require_targets())
+        """The loss at the linearization point: ``loss(outputs, targets)`` for ``loss=``, else
+        the mean negative log-likelihood over the rows."""
+        targets = self._require_targets()
+        if self.loss_module is not None:
+            with torch.no_grad():
+                return loss_value(self.loss_module, self.linearization.outputs,
+                                  self._raw_targets, self._flat_rows)
+        return self.likelihood.loss(self.outputs, targets)
 
     def gradient(self) -> Tensor:
         """``g = ∇_θ loss`` as a flat vector (computed once, then cached)."""
         if self._gradient is None:
             grad_z = self.likelihood.output_grad(self.outputs, self._require_targets())
-            self._gradient = self._vjp(grad_z / self.num_examples)
+            self._gradient = self._vjp(grad_z * self._weight)
         return self._gradient
 
     def gradient_factor(self) -> Tensor | None:

@@ -96,9 +96,11 @@ class Likelihood:
 
 
 class Categorical(Likelihood):
-    """Softmax cross-entropy on logits; targets are class indices of shape ``(N,)``.
+    """Softmax cross-entropy on logits; targets are class indices of shape ``(N,)``, or class
+    probabilities of shape ``(N, m)`` (rows summing to 1: soft or label-smoothed targets).
 
-    ``F_R = diag(p) − p pᵀ`` (rank m−1), factor ``L = diag(√p) − p √pᵀ``.
+    ``F_R = diag(p) − p pᵀ`` (rank m−1), factor ``L = diag(√p) − p √pᵀ``; probability targets
+    change only the gradient ``p − t``.
     """
 
     name = "categorical"
@@ -106,9 +108,12 @@ class Categorical(Likelihood):
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         targets = super().check_targets(outputs, targets)
         n, m = outputs.shape
+        if targets.dtype.is_floating_point and targets.shape == (n, m):
+            return self._check_probabilities(outputs, targets)
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise ValueError("targets: the categorical likelihood takes integer class indices, "
-                             f"got dtype {targets.dtype}")
+            raise ValueError("targets: the categorical likelihood takes integer class indices "
+                             f"(N,) or class probabilities (N, m) = {(n, m)}, got dtype "
+                             f"{targets.dtype} and shape {tuple(targets.shape)}")
         if targets.shape != (n,):
             raise ValueError(f"targets: expected {n} class indices (one per example, shaped "
                              f"like the outputs without their last, class dimension), got "
@@ -117,6 +122,19 @@ class Categorical(Likelihood):
             raise ValueError(f"targets: class indices must lie in [0, {m - 1}] for {m} outputs, "
                              f"got range [{int(targets.min())}, {int(targets.max())}]")
         return targets.to(outputs.device)
+
+    @staticmethod
+    def _check_probabilities(outputs: Tensor, targets: Tensor) -> Tensor:
+        t = targets.to(device=outputs.device, dtype=outputs.dtype)
+        if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
+            raise ValueError("targets: class probabilities must lie in [0, 1], got range "
+                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+        gap = float((t.sum(-1) - 1).abs().max()) if t.numel() else 0.0
+        if gap > 64 * torch.finfo(t.dtype).eps * t.shape[-1]:
+            # the Hessian in the logits is (Σ t)(diag p − ppᵀ): refused, not rescaled
+            raise ValueError(f"targets: class probabilities must sum to 1 over the classes "
+                             f"(off by up to {gap:.3g})")
+        return t
 
     def loss_per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
@@ -130,6 +148,8 @@ class Categorical(Likelihood):
 
     def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
         grad = torch.softmax(outputs.detach(), dim=-1)
+        if targets.dtype.is_floating_point:  # class probabilities
+            return grad.sub_(targets)
         grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1
         return grad
 
@@ -150,6 +170,9 @@ class Categorical(Likelihood):
     def gradient_factor(self, state: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
         # b = (p − e_y)/√p = √p − e_y/√p_y; 1/√p_y from log p_y so it does not underflow first.
         b = state.sqrt()
+        if targets.dtype.is_floating_point:  # b = √p − t/√p (Σ t = 1), 1/√p from log p
+            log_p = torch.log_softmax(outputs.detach(), dim=-1)
+            return b.sub_(targets * torch.exp((-0.5 * log_p).clamp(max=_MAX_HALF_LOG)))
         rows = torch.arange(b.shape[0], device=b.device)
         log_py = torch.log_softmax(outputs.detach(), dim=-1)[rows, targets]
         b[rows, targets] -= torch.exp((-0.5 * log_py).clamp(max=_MAX_HALF_LOG))
@@ -206,6 +229,57 @@ class Gaussian(_Independent):
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype,
                             device=outputs.device)
         return outputs.detach() + noise
+
+
+class GaussianPrecision(Gaussian):
+    """Gaussian with mean z and a fixed precision per output (``1/var``, data, not a model
+    output): ``ℓ = ½ Σ_j (prec_j (y_j − z_j)² − log prec_j)``; ``F_R = diag(prec)``.
+
+    Bound to the precision of the rows it is used on, shape ``(N, m)`` (GaussianNLLLoss).
+    """
+
+    name = "gaussian_precision"
+
+    def __init__(self, precision: Tensor) -> None:
+        self.precision = precision.detach()
+
+    def _prec(self, outputs: Tensor) -> Tensor:
+        if self.precision.shape != outputs.shape:
+            raise ValueError(f"outputs: expected shape {tuple(self.precision.shape)} (the "
+                             f"precision's), got {tuple(outputs.shape)}")
+        return self.precision
+
+    def loss_per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        prec = self._prec(outputs)
+        return 0.5 * (prec * (outputs - targets).pow(2) - prec.log()).sum(-1)
+
+    def fisher_state(self, outputs: Tensor) -> Tensor:
+        return self._prec(outputs)
+
+    def output_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.detach() - targets) * self._prec(outputs)
+
+    def factor_matrix(self, state: Tensor) -> Tensor:
+        return torch.diag_embed(state.sqrt())
+
+    def fvp(self, state: Tensor, v: Tensor) -> Tensor:
+        return state * v
+
+    def factor_t(self, state: Tensor, v: Tensor) -> Tensor:
+        return state.sqrt() * v
+
+    factor = factor_t
+
+    def gradient_factor(self, state: Tensor, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.detach() - targets) * state.sqrt()
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype,
+                            device=outputs.device)
+        return outputs.detach() + noise * self._prec(outputs).rsqrt()
+
+    def __repr__(self) -> str:
+        return f"GaussianPrecision(shape={tuple(self.precision.shape)})"
 
 
 class Bernoulli(_Independent):

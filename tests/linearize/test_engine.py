@@ -734,28 +734,6 @@ def test_untraceable_model_raises():
     assert "Branchy" in info.value.reason
 
 
-def test_tuple_output_raises():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.a(x), x
-
-    with pytest.raises(EngineUnsupported, match="tuple"):
-        build_engine(Two(), (torch.randn(2, 4),))
-
-    class Named(Two):
-        def forward(self, x):
-            x = x["x"] if isinstance(x, dict) else x
-            return {"logits": self.a(x)}
-    x = torch.randn(2, 4)
-    for inputs in ((x,), ({"x": x},)):  # a tensor, and a container (fx's flat outputs)
-        with pytest.raises(EngineUnsupported, match="returns dict;"):
-            build_engine(Named(), inputs)
-
-
 def test_validation_and_staleness():
     model = mlp(nn.Tanh).to(F64)
     lin = build_engine(model, torch.randn(3, 5, dtype=F64))

@@ -15,12 +15,16 @@ from torch import nn
 from .._frames import user_stacklevel
 from .autograd import AutogradLinearization
 from .base import Linearization, check_tangents
+from .functions import NotLinearizable
+from .outputs import OutputSelector, check_selector, select_output
 from .record import ForwardRecord
+from .state import buffers_kept
 
 BACKENDS = ("auto", "torch", "triton", "autograd")
 
 __all__ = ["BACKENDS", "AutogradLinearization", "ForwardRecord", "Linearization",
-           "check_tangents", "linearize", "resolve_backend"]
+           "NotLinearizable", "OutputSelector", "buffers_kept", "check_selector",
+           "check_tangents", "linearize", "resolve_backend", "select_output"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -38,16 +42,31 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
-              record: ForwardRecord | None = None) -> Linearization:
+              record: ForwardRecord | None = None,
+              output: OutputSelector = None) -> Linearization:
     """Run ``model(*inputs)`` once and return its linearization at the current parameters.
 
     ``record``: a :class:`ForwardRecord` of that same forward, already run; the engine reuses
-    its Linear and activation outputs (the autograd fallback ignores it).
+    its Linear and activation outputs (the autograd fallback ignores it). ``output``: which
+    tensor of a tuple, dict or ``ModelOutput`` is linearized (see
+    :func:`~ngtriton.linearize.outputs.select_output`; default: the tensor, ``.logits``, or a
+    tuple's first tensor).
+
+    The linearization is of the deterministic network (every dropout off, see
+    :mod:`~ngtriton.linearize.dropout`), and the build leaves the model's buffers as it found
+    them (BatchNorm's running statistics in train mode included).
     """
+    output = check_selector(output)
     device = next(model.parameters()).device
     resolved = resolve_backend(backend, device)
+    with buffers_kept(model):
+        return _linearize(model, inputs, resolved, record, output)
+
+
+def _linearize(model: nn.Module, inputs: Sequence[object], resolved: str,
+               record: ForwardRecord | None, output: OutputSelector) -> Linearization:
     if resolved == "autograd":
-        return AutogradLinearization(model, inputs)
+        return AutogradLinearization(model, inputs, output)
     from .engine import EngineUnsupported, build_engine
 
     if resolved == "triton":
@@ -55,13 +74,13 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     else:
         from . import ops_torch as ops
     try:
-        return build_engine(model, inputs, ops, record=record)
+        return build_engine(model, inputs, ops, record=record, output=output)
     except EngineUnsupported as err:
         reason = err
     # Warned only once the fallback has run: a model that fails on these inputs anyway (a
     # wrong shape) raises its own error, without a warning about the engine first.
     try:
-        lin = AutogradLinearization(model, inputs)
+        lin = AutogradLinearization(model, inputs, output)
     except Exception as err:
         if hasattr(err, "add_note"):  # Python ≥ 3.11
             err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")

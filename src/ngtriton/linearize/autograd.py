@@ -11,32 +11,38 @@ No product runs the model's forward again and nothing is retraced. It is the fal
 models the per-module engine cannot trace, and the oracle the engine is compared with.
 
 Like the engine, it linearizes the network without dropout (every ``F.dropout``-family call is
-the identity during its forward) and runs scaled-dot-product attention through its math
-backend, the one with a double backward.
+the identity during its forward, attention's ``dropout_p`` is 0) and runs scaled-dot-product
+attention through its math backend, the one with a double backward. A custom
+``autograd.Function`` whose backward cannot be differentiated again contributes its ``jvp`` by
+forward-mode AD through the whole model (the forward runs again for each ``J v``); without one,
+:class:`~ngtriton.linearize.functions.NotLinearizable` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .base import check_tangents
+from .functions import custom_functions, forward_jvp, functions_without_jvp, not_linearizable
+from .outputs import OutputSelector, select_output
 from .rules import WithoutDropout, depends_on, math_attention, reaching
+from .state import buffers_kept
 
 
 class AutogradLinearization:
-    """Linearization of ``model(*inputs)`` by autograd on a retained graph."""
+    """Linearization of ``model(*inputs)`` by autograd on a retained graph (``output``: which
+    tensor of the model's output, see :func:`~ngtriton.linearize.outputs.select_output`)."""
 
-    def __init__(self, model: nn.Module, inputs: Sequence[object]) -> None:
+    def __init__(self, model: nn.Module, inputs: Sequence[object],
+                 output: OutputSelector = None) -> None:
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+        self._forward_ad: Callable[[Sequence[Tensor]], Tensor] | None = None
         with torch.enable_grad(), math_attention():
             with WithoutDropout():
-                out = model(*inputs)
-            if not isinstance(out, Tensor):
-                raise TypeError(f"model: expected the forward to return a Tensor, "
-                                f"got {type(out).__name__}")
+                out = select_output(model(*inputs), output)
             self._out = out
             # Any u works (Jᵀu is linear in it); ones make a severed dependency visible below.
             self._dummy = torch.ones_like(out, requires_grad=True)
@@ -51,6 +57,14 @@ class AutogradLinearization:
         severed = [i for i, gr in enumerate(grads) if gr is not None
                    and not depends_on(gr, on_u) and bool(gr.any())]
         if severed:
+            functions = custom_functions([out.grad_fn])
+            missing = functions_without_jvp(functions)
+            if missing:
+                raise not_linearizable(missing)
+            if functions:  # their own jvp, by forward-mode AD through the whole model
+                self._forward_ad = _whole_model_jvp(model, tuple(inputs), output, self.params)
+                self._linked, self._grads = [], []
+                return
             raise RuntimeError(
                 f"model: the gradient of {len(severed)} parameter(s) (the first has shape "
                 f"{tuple(self.params[severed[0]].shape)}) cannot be differentiated again, so "
@@ -63,6 +77,8 @@ class AutogradLinearization:
 
     def jvp(self, tangents: Sequence[Tensor]) -> Tensor:
         check_tangents(self.params, tangents)
+        if self._forward_ad is not None:
+            return self._forward_ad(tangents)
         if not self._grads:
             return torch.zeros_like(self.outputs)
         (out,) = torch.autograd.grad(self._grads, self._dummy,
@@ -81,6 +97,8 @@ class AutogradLinearization:
     def jvp_batched(self, tangents: Sequence[Tensor]) -> Tensor:
         """``J v`` for a batch of c tangents (each parameter's with a leading dim c)."""
         c = tangents[0].shape[0]
+        if self._forward_ad is not None:
+            return torch.stack([self.jvp([t[i] for t in tangents]) for i in range(c)])
         if not self._grads:
             return self.outputs.new_zeros((c, *self.outputs.shape))
         (out,) = torch.autograd.grad(self._grads, self._dummy,
@@ -94,3 +112,24 @@ class AutogradLinearization:
                                     allow_unused=True, is_grads_batched=True)
         c = cotangents.shape[0]
         return [p.new_zeros((c, *p.shape)) if g is None else g for p, g in zip(self.params, grads)]
+
+
+def _whole_model_jvp(model: nn.Module, inputs: tuple[object, ...], output: OutputSelector,
+                     params: list[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
+    """``J v`` by forward-mode AD through ``model`` (its forward runs again for each product,
+    without dropout, with its buffers and the random generators left as they were): for a
+    custom Function whose backward cannot be differentiated again but that has a ``jvp``."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    primals = [p.detach() for p in params]
+    devices = sorted({p.device for p in params if p.is_cuda}, key=str)
+
+    def run(*ps: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, dict(zip(names, ps)), inputs)
+        return select_output(out, output)
+
+    def jvp(tangents: Sequence[Tensor]) -> Tensor:
+        with buffers_kept(model), torch.random.fork_rng(devices=devices), WithoutDropout(), \
+                math_attention():
+            return forward_jvp(run, primals, list(tangents)).detach()
+
+    return jvp

@@ -13,7 +13,12 @@ What the engine differentiates:
 * the deterministic network: every dropout (module or ``F.dropout``, any mode) is the identity,
   in the forward and in both products, so the Fisher is the one of the network without dropout.
   (A dropout inside a module without a rule is the identity too: opaque nodes run with the
-  ``F.dropout`` family switched off.)
+  ``F.dropout`` family switched off.) Attention's ``dropout_p`` (scaled-dot-product attention,
+  ``nn.MultiheadAttention``) is 0 likewise (:mod:`~ngtriton.linearize.dropout`);
+* a custom ``torch.autograd.Function`` by its own derivatives: it is one node, never traced
+  through (:mod:`~ngtriton.linearize.functions`);
+* the tensor the model returns, or the one ``output=`` picks from a tuple, dict or
+  ``ModelOutput`` (:mod:`~ngtriton.linearize.outputs`).
 
 Which modules are traced through and which are nodes: modules with a rule (Linear, LayerNorm,
 Embedding, activations, dropout, Flatten/Unflatten, Identity) and torch.nn's other built-in layers
@@ -56,6 +61,9 @@ from torch.utils import _pytree as pytree
 
 from . import ops_torch
 from .base import check_tangents
+from .dropout import dropout_free
+from .functions import NotLinearizable, traced_functions
+from .outputs import OutputSelector, prune_steps, select_node, select_output
 from .record import ForwardRecord
 from .rules import (
     DROPOUT_FUNCS,
@@ -77,6 +85,7 @@ from .rules import (
     build_linear_fn,
     math_attention,
 )
+from .state import buffers_kept as _buffers_kept
 
 __all__ = ["EngineLinearization", "EngineUnsupported", "build_engine", "clear_trace_cache"]
 
@@ -282,7 +291,8 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        with warnings.catch_warnings(), _buffers_kept(model, values=False):  # it runs forward
+        with warnings.catch_warnings(), _buffers_kept(model, values=False), \
+                traced_functions():  # it runs forward; an autograd.Function is one node
             warnings.filterwarnings("ignore", "Was not able to add assertion")  # object inputs
             graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError)
@@ -417,7 +427,7 @@ class EngineLinearization:
                  n_slots: int, out_slot: int | None, fallbacks: list[str]) -> None:
         self.params = params
         self.outputs = outputs
-        self.steps = steps
+        self.steps = steps = prune_steps(steps, out_slot)
         self.fallbacks = fallbacks
         self._n_slots = n_slots
         self._out_slot = out_slot
@@ -543,7 +553,8 @@ def _accumulate(cots: list[Any], owned: list[bool], s: int, c: Any) -> None:
 
 def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
                  ops: ModuleType = ops_torch, *, cache_trace: bool = True,
-                 record: ForwardRecord | None = None) -> EngineLinearization:
+                 record: ForwardRecord | None = None,
+                 output: OutputSelector = None) -> EngineLinearization:
     """Trace ``model``, run ``model(*inputs)`` once and return its rule-based linearization.
 
     ``ops`` provides ``linear_jvp``, ``linear_vjp``, ``layernorm_jvp`` and ``layernorm_vjp``
@@ -559,6 +570,9 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
 
     ``record``: a :class:`~ngtriton.linearize.record.ForwardRecord` of ``model(*inputs)`` at the
     current parameters; Linear and activation outputs it holds are reused, not recomputed.
+
+    ``output``: which tensor of a tuple, dict or ``ModelOutput`` the model returns is
+    linearized (:func:`~ngtriton.linearize.outputs.select_output`); only what it needs is kept.
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
@@ -577,36 +591,18 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     # the build's autograd nodes saved; it draws from, and leaves, the generators as they are.
     check = not getattr(graph, "_ngtriton_checked", True)
     eager = _eager_forward(model, inputs) if check else None
-    lin = _Builder(model, graph, tuple(flat), ops, record).build()
+    lin = _Builder(model, graph, tuple(flat), ops, record, output).build()
     if check:
+        try:
+            eager = select_output(eager, output)
+        except TypeError as err:
+            raise EngineUnsupported(str(err)) from err
         try:
             graph._ngtriton_checked = _agrees(eager, lin.outputs)  # type: ignore[attr-defined]
         except EngineUnsupported as err:  # the trace itself is wrong: refuse it from now on
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise
     return lin
-
-
-@contextlib.contextmanager
-def _buffers_kept(model: nn.Module, values: bool = True) -> Any:
-    """Put the model's buffers back as they were after the block: a buffer the block
-    reassigned gets its object back (fx's trace would leave a stand-in there), and with
-    ``values`` one it wrote in place its values (BatchNorm's running statistics change without
-    a version bump, so values are compared). A trace writes no real buffer: ``values=False``
-    spares it the copies."""
-    saved = [(m, name, b, b.clone() if values and b is not None else None)
-             for m in model.modules() for name, b in m._buffers.items()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, name, b, copy_of in saved:
-                if m._buffers.get(name) is not b:
-                    m._buffers[name] = b
-                if copy_of is not None and not torch.equal(b, copy_of):
-                    # .data: the old values come back without a version bump (as BatchNorm
-                    # wrote them), so saved tensors of earlier linearizations stay valid
-                    b.data.copy_(copy_of)
 
 
 def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -647,9 +643,10 @@ def _agrees(eager: Any, outputs: Tensor) -> bool:
 
 class _Builder:
     def __init__(self, root: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...],
-                 ops: ModuleType, record: ForwardRecord | None = None) -> None:
+                 ops: ModuleType, record: ForwardRecord | None = None,
+                 output: OutputSelector = None) -> None:
         self.root, self.graph, self.inputs, self.ops = root, graph, inputs, ops
-        self.record = record
+        self.record, self.output = record, output
         self.params = [p for p in root.parameters() if p.requires_grad]
         self.pslot = {id(p): i for i, p in enumerate(self.params)}
         self.n_slots = len(self.params)
@@ -701,8 +698,7 @@ class _Builder:
         if node.op == "call_method":
             name = _method_name(node) if out_of_place else str(node.target)
             return lambda a, k: getattr(a[0], name)(*a[1:], **k)
-        target = node.target
-        return lambda a, k: target(*a, **k)
+        return dropout_free(node.target)
 
     @staticmethod
     def _closure(node: Node, run: Callable[..., Any], active: list[Node],
@@ -783,7 +779,7 @@ class _Builder:
                 else:
                     try:
                         self._node(node, node in live)
-                    except EngineUnsupported:
+                    except (EngineUnsupported, NotLinearizable):
                         raise
                     except Exception as err:
                         raise EngineUnsupported(
@@ -794,16 +790,16 @@ class _Builder:
         codegen = getattr(self.graph, "_codegen", None)
         out_spec = (codegen.pytree_info.out_spec if isinstance(codegen, fx.graph._PyTreeCodeGen)
                     else None)
-        if out_spec is not None:  # inputs given as containers: fx returns the flat outputs
-            if not out_spec.is_leaf():
-                raise EngineUnsupported(f"the model returns {out_spec.type.__name__}; the "
-                                        "engine linearizes models that return one Tensor")
-            out_arg = out_arg[0]
+        try:
+            if out_spec is not None:  # inputs given as containers: fx returns the flat outputs
+                out_arg = (out_arg[0] if out_spec.is_leaf()
+                           else pytree.tree_unflatten(list(out_arg), out_spec))
+            out_arg = select_node(out_arg, self.output, self.values)
+        except Exception as err:  # e.g. a ModelOutput built in the graph: select from values
+            kind = type(out_arg).__name__.removeprefix("immutable_")  # fx's list and dict
+            raise EngineUnsupported(f"the model returns {kind}; no tensor to linearize found "
+                                    f"in the graph ({type(err).__name__}: {err})") from err
         out_val = self._val(out_arg)
-        if not isinstance(out_val, Tensor):
-            kind = type(out_val).__name__.removeprefix("immutable_")  # fx's list and dict
-            raise EngineUnsupported(f"the model returns {kind}; the engine linearizes models "
-                                    "that return one Tensor")
         out_slot = self._slot(out_arg)
         outputs = out_val.detach()
         self.values.clear()

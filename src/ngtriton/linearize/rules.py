@@ -16,7 +16,6 @@ per-node double-backward linearization (correct for anything autograd can differ
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+
+from .dropout import DROPOUT_FUNCS, WithoutDropout, math_attention  # noqa: F401 (re-exported)
+from .functions import custom_functions, forward_jvp, functions_without_jvp, not_linearizable
 
 Cot = Any  # a Tensor, a tuple of (Tensor | None) for tuple-valued nodes, or None
 
@@ -65,30 +66,6 @@ def depends_on(grad: Tensor, on: set[Any]) -> bool:
     requires grad is a cotangent itself (an identity path, e.g. ``h + θ``)."""
     return grad.grad_fn in on if grad.grad_fn is not None else grad.requires_grad
 
-
-# The dropout functions (modules call them): the identity in every linearization.
-DROPOUT_FUNCS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                           F.feature_alpha_dropout})
-
-
-class WithoutDropout(TorchFunctionMode):
-    """Every dropout function returns its input: the deterministic network, as the engine's."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        if func in DROPOUT_FUNCS:
-            return args[0] if args else (kwargs or {})["input"]
-        return func(*args, **(kwargs or {}))
-
-
-def math_attention() -> contextlib.AbstractContextManager:
-    """Scaled-dot-product attention through its math backend, which has a double backward and
-    forward AD (the fused CPU/GPU kernels have neither)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -505,7 +482,8 @@ class AutogradStep(Step):
     dummy cotangent ``u`` then gives ``Jᵀu`` as a graph linear in ``u``. VJP: backward through
     the retained graph. JVP: the double-backward (R-operator) trick ``J v = ∂⟨Jᵀu, v⟩/∂u`` — no
     further forward of the op. If the op has no double backward, the JVP falls back to
-    :func:`torch.func.jvp` (which evaluates the op again in forward mode). Attention inside
+    forward-mode AD (which evaluates the op again; a custom Function by its own ``jvp``, see
+    :mod:`~ngtriton.linearize.functions`). Attention inside
     runs through the math backend of scaled-dot-product attention (the fused kernels have no
     double backward).
     """
@@ -546,6 +524,10 @@ class AutogradStep(Step):
             self.forward_mode = True
         if self.forward_mode:
             self.lin, self.u = [], []
+            # forward-mode AD goes through a custom Function only by its own jvp
+            missing = functions_without_jvp(custom_functions([o.grad_fn for o in self.outs]))
+            if missing:
+                raise not_linearizable(missing)
 
     def _zeros_out(self, i: int) -> Tensor:
         return torch.zeros_like(self.outs[i])
@@ -573,7 +555,7 @@ class AutogradStep(Step):
                 return self._pack([self._zeros_out(i) if r is None else r
                                    for i, r in enumerate(res)])
         with math_attention():
-            _, t = torch.func.jvp(self.fn, self.primals, tuple(dots))
+            t = forward_jvp(self.fn, self.primals, dots)
         ts, _ = _as_tuple(t)
         return self._pack([ts[i] for i in self.diff])
 
