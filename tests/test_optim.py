@@ -920,12 +920,18 @@ def test_curvature_subsample_takes_the_same_rows_inside_containers():
     opt._batch_rows = 60
     (got,), _, _ = opt._curvature_inputs((tokens,), {}, None)
     assert got.shape == (5, 3, 4)
-    # ... unless targets (B·T of them) would have to follow, or the inputs disagree on B:
-    # then nothing is subsampled, and NGD says so once.
-    with pytest.warns(UserWarning, match="curvature_fraction: the batch dimension is unclear"):
-        (got,), _, kept = opt._curvature_inputs((tokens,), {}, torch.zeros(60))
-    assert got is tokens and kept.shape == (60,)
+    # ... and targets with one row per position (B·T of them) follow their sequences ...
+    per_position = torch.arange(60.0)
+    (got,), _, kept = opt._curvature_inputs((tokens,), {}, per_position)
+    assert got.shape == (5, 3, 4) and kept.shape == (15,)
+    seqs = (kept.reshape(5, 3)[:, 0] / 3).long()
+    torch.testing.assert_close(got, tokens[seqs])
+    torch.testing.assert_close(kept, per_position.reshape(20, 3)[seqs].reshape(-1))
+    # ... unless the inputs disagree on B: then nothing is subsampled, and NGD says so once.
     memory = torch.randn(7, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="curvature_fraction: the batch dimension is unclear"):
+        (_, got), _, kept = opt._curvature_inputs((memory, tokens), {}, per_position)
+    assert got is tokens and kept is per_position
     (got_memory, got_tokens), _, _ = opt._curvature_inputs((memory, tokens), {}, None)
     assert got_memory is memory and got_tokens is tokens
     opt._batch_rows = 20  # (B, T, V) logits, (B·T,) targets: the targets cannot follow

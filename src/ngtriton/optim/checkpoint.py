@@ -94,8 +94,10 @@ def check_ngd(ngd: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _bad(f"['ngd'][{key!r}]", f"must be an integer ≥ 0, got {value!r}")
     if out["skipped_total"] + out["rejected_total"] > out["steps"]:
-        raise _bad("['ngd']", f"counts more skipped ({out['skipped_total']}) and rejected "
-                   f"({out['rejected_total']}) steps than steps ({out['steps']})")
+        key = "rejected_total" if out["rejected_total"] > out["steps"] else "skipped_total"
+        raise _bad(f"['ngd'][{key!r}]", f"counts more steps than were taken: skipped_total "
+                   f"{out['skipped_total']} + rejected_total {out['rejected_total']} > steps "
+                   f"{out['steps']}")
     gen = ngd["generator"]
     if not isinstance(gen, Tensor) or gen.dtype != torch.uint8 \
             or gen.shape != torch.Generator().get_state().shape:
@@ -119,6 +121,7 @@ def _check_groups(opt: NGD, groups: Any) -> None:
         have = len(groups) if isinstance(groups, list) else type(groups).__name__
         raise _bad("['param_groups']", f"must be a list of {len(opt.param_groups)} groups "
                    f"(this optimizer's), got {have}")
+    seen: set[int] = set()
     for i, (saved, ours) in enumerate(zip(groups, opt.param_groups)):
         key = f"['param_groups'][{i}]"
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
@@ -126,6 +129,11 @@ def _check_groups(opt: NGD, groups: Any) -> None:
         if len(saved["params"]) != len(ours["params"]):
             raise _bad(f"{key}['params']", f"has {len(saved['params'])} parameters, this "
                        f"optimizer's group {len(ours['params'])}")
+        for index in saved["params"]:  # the indices the 'state' entries are keyed by
+            if isinstance(index, bool) or not isinstance(index, int) or index in seen:
+                raise _bad(f"{key}['params']", f"must hold distinct integer parameter indices, "
+                           f"got {index!r}")
+            seen.add(index)
         for name in ("lr", "weight_decay"):
             if name not in saved:
                 raise _bad(key, f"lacks {name!r}")

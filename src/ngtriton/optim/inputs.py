@@ -110,13 +110,17 @@ def curvature_subsample(args: tuple, kwargs: dict, targets: Tensor | None, fract
     leading = {a.shape[0] for a in tensors}
     t_rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim > 0 else None
     rows = batch_rows if batch_rows is not None else t_rows
+    per_position = False  # targets with one row per output row, (B·T,) for (B·T, V) logits
     if rows in leading:
         n = rows
     elif targets is None and len(leading) == 1 and (rows is None or rows % min(leading) == 0):
         n = min(leading)
+    elif (len(leading) == 1 and rows is not None and t_rows == rows
+          and rows % min(leading) == 0):
+        n, per_position = min(leading), True
     else:
         n = None
-    if n is None or t_rows not in (None, n):
+    if n is None or (t_rows not in (None, n) and not per_position):
         if tensors:
             out = "" if rows is None else f"the model returns {rows} rows, "
             tgt = "" if t_rows is None else f"the targets {t_rows}, "
@@ -135,4 +139,9 @@ def curvature_subsample(args: tuple, kwargs: dict, targets: Tensor | None, fract
 
     # also inside tuples, lists and dicts of inputs
     args, kwargs = pytree.tree_map(take, (tuple(args), kwargs))
+    if per_position:  # the rows of the chosen examples, in the outputs' order
+        blocks = pytree.tree_map(
+            lambda t: t.reshape(n, -1, *t.shape[1:]) if isinstance(t, Tensor) else t, targets)
+        return args, kwargs, pytree.tree_map(
+            lambda t: take(t).reshape(-1, *t.shape[2:]) if isinstance(t, Tensor) else t, blocks)
     return args, kwargs, take(targets)

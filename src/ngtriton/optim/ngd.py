@@ -22,8 +22,10 @@ from .._frames import user_stacklevel
 from ..fisher import FISHER_TYPES
 from ..likelihoods import Likelihood, get_likelihood
 from ..linearize import BACKENDS
-from ..solvers import DUAL_DIRECT_MAX_ROWS, Workspace
-from . import checkpoint
+from ..linearize.outputs import check_selector
+from ..losses import check_loss
+from ..solvers import Workspace, choose_method
+from . import checkpoint, distributed
 from .atomic import settle
 from .closure import ClosureRunner
 from .config import (
@@ -49,7 +51,7 @@ from .transaction import Book, Transaction
 
 # Instance attributes a copy must not carry: the names keyed by id() (rebuilt), and methods
 # that an LR scheduler patched onto this instance (they call the original optimizer).
-_NOT_COPIED = frozenset({"_names", "step", "zero_grad"})
+_NOT_COPIED = frozenset({"_names", "step", "zero_grad", "_ddp"})
 
 
 class NGD(torch.optim.Optimizer):
@@ -127,7 +129,16 @@ class NGD(torch.optim.Optimizer):
         model: the network to optimise (needed to linearize it).
         lr: step size applied to the natural gradient (default 1: the Newton-like step).
         damping: initial Tikhonov damping λ.
-        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or a ``Likelihood``.
+        likelihood: ``"categorical"`` (the default), ``"gaussian"``, ``"bernoulli"`` or a
+            ``Likelihood``; the closure's loss must then be its mean negative log-likelihood.
+        loss: instead of ``likelihood``, the torch loss module the closure calls on the model's
+            output (``CrossEntropyLoss``, ``MSELoss``, ``BCEWithLogitsLoss``,
+            ``GaussianNLLLoss``; see :mod:`ngtriton.losses`): the Fisher is the GGN of exactly
+            that loss (its reduction, ``ignore_index``, class layout), with the targets the
+            closure passed it. Damping is then in that loss's units.
+        output: which part of the model's output is linearized when it returns a tuple, dict
+            or Hugging Face ``ModelOutput`` (default: the tensor, else ``.logits``, else a
+            tuple's first tensor): a key or attribute name, an index or a callable.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (the latter needs ``step(closure,
             targets=y)``).
         method: solver (``"auto"``, ``"cg"``, ``"pcg"`` (preconditioned, truncated CG),
@@ -173,7 +184,7 @@ class NGD(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = DEFAULT_DAMPING,
-                 likelihood: str | Likelihood = "categorical", fisher: str = "exact",
+                 likelihood: str | Likelihood | None = None, fisher: str = "exact",
                  method: str = "auto", *, params: Iterable[Any] | None = None,
                  weight_decay: float = 0.0, adaptive_damping: bool = True,
                  damping_floor: float = DEFAULT_DAMPING_FLOOR,
@@ -185,17 +196,28 @@ class NGD(torch.optim.Optimizer):
                  momentum: str | float | None = None, preconditioner: str | None = None,
                  preconditioner_beta: float = 0.999, preconditioner_power: float = 0.5,
                  progress_tol: float = 5e-4, trial_every: int = 1,
+                 loss: nn.Module | None = None, output: Any = None,
                  backend: str = "auto", mc_samples: int = 1, seed: int = 0,
                  keep_history: bool = True, nonfinite: str = "skip") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        model, ddp = distributed.unwrap(model)  # DDP: linearize (and hook) its inner module
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model: has no trainable parameters (none with requires_grad=True)")
+        distributed.refuse_sharded(trainable)
         lr = positive("lr", lr)
         damping = positive("damping", damping, allow_zero=True)
         weight_decay = positive("weight_decay", weight_decay, allow_zero=True)
-        self.likelihood = get_likelihood(likelihood)
+        if loss is not None:
+            if likelihood is not None:
+                raise ValueError("loss: give loss= or likelihood=, not both (the loss decides "
+                                 "the likelihood and its scale)")
+            check_loss(loss)
+        self.loss = loss
+        self.output = check_selector(output)
+        self.likelihood = None if loss is not None else get_likelihood(
+            "categorical" if likelihood is None else likelihood)
         choice("fisher", fisher, FISHER_TYPES)
         if method == "dual-krylov":
             raise ValueError("method: 'dual-krylov' needs the gradient factor b (Aᵀb = g), and "
@@ -255,9 +277,19 @@ class NGD(torch.optim.Optimizer):
         # add_param_group (called by torch's __init__) checks every group against the model.
         self._group_model = model
         self._ungrouped: list[Tensor] = []
-        super().__init__(trainable if params is None else params, defaults)
+        try:
+            super().__init__(trainable if params is None else params, defaults)
+        except KeyError as err:  # torch's own checks, named for the user
+            raise ValueError(f"params: every param group needs a 'params' entry ({err})") \
+                from None
+        except (TypeError, ValueError) as err:
+            if str(err).startswith(("params:", "lr:", "weight_decay:")):
+                raise
+            raise type(err)(f"params: {err}") from None
 
         self.model = model
+        self._ddp = ddp
+        self.communication: distributed.CommStats | None = None  # the last step's, if any
         self.fisher = fisher
         self.method = method
         self.backend = backend
@@ -421,20 +453,22 @@ class NGD(torch.optim.Optimizer):
 
     def _resolve_method(self, op: Any, x0: Tensor | None) -> str:
         """``"auto"``: preconditioned CG when a preconditioner is set; else the exact
-        sample-space solve when it costs fewer products than the capped Krylov solve
-        (R ≤ 2·maxiter, R ≤ P); else CG, whose iterates from 0 satisfy ``nᵀ(F+λI)n = nᵀg`` so
-        that ρ needs no extra product; the solver's own choice where CG does not apply (an
-        inconsistent system: the Monte-Carlo Fisher at λ = 0)."""
+        sample-space solve when it costs fewer products than the capped Krylov solve (the cost
+        rule of :func:`ngtriton.solvers.choose_method`); else CG, whose iterates from 0
+        satisfy ``nᵀ(F+λI)n = nᵀg`` so that ρ needs no extra product; the solver's own
+        choice where CG does not apply (an inconsistent system: the Monte-Carlo Fisher at
+        λ = 0)."""
         if self.method == "dual":  # no factor b here (g is the closure's): the exact solve
             return "dual-direct"
         if self.method == "auto" and self.preconditioner is not None:
             return "pcg"
         if self.method != "auto" or x0 is not None:
             return self.method
-        cap = 2 * (self.maxiter if self.maxiter is not None else op.num_params)
-        if op.num_rows <= min(cap, DUAL_DIRECT_MAX_ROWS, op.num_params):
+        rhs_in_range = self.fisher != "mc" or op.damping > 0
+        if choose_method(op, maxiter=self.maxiter, factor_rhs=False,
+                         rhs_in_range=rhs_in_range) == "dual-direct":
             return "dual-direct"
-        return "cg" if op.damping > 0 or self.fisher != "mc" else "auto"
+        return "cg" if rhs_in_range else "auto"
 
     def _update_damping(self, rho: float) -> None:
         """The Levenberg–Marquardt rule (NaN ρ counts as a bad step)."""
@@ -508,6 +542,8 @@ class NGD(torch.optim.Optimizer):
             self._names = names_by_id(self.model)
 
     def __repr__(self) -> str:
+        curvature = (f"loss={type(self.loss).__name__}" if self.loss is not None
+                     else f"likelihood={self.likelihood.name!r}")
         return (f"NGD(lr={self.param_groups[0]['lr']:g}, damping={self.damping:g}, "
-                f"likelihood={self.likelihood.name!r}, fisher={self.fisher!r}, "
+                f"{curvature}, fisher={self.fisher!r}, "
                 f"method={self.method!r}, steps={self.steps})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -14,9 +15,12 @@ from ..fisher import FisherOperator
 from ..solvers import Workspace, solve
 from ..solvers._vecops import acc_dtype, all_finite, norm
 from ..solvers.pcg import pcg
+from . import distributed
 from .closure import FirstCall, loss_value
+from .config import group_value
 from .guard import GuardedOperator
 from .inputs import BoundKwargs, as_positional
+from .loss import ClosureLoss
 from .quadratic import decay_quadratic, minimise_on_plane
 from .stats import NGDStats, NonFiniteError
 from .transaction import Book, Transaction, restorer
@@ -52,6 +56,7 @@ class _StepRun:
         self.updates: dict[Tensor, dict[str, Tensor]] = {}
         self.stats: dict[str, Any] = {}
         self.op: GuardedOperator | None = None
+        self.comm = distributed.context(opt)  # None in one process
         self.model_note = ""  # set when the step's quadratic model was evaluated
         # The trial forward (ρ, rejection): every step when rejecting, else every trial_every.
         self.trial = opt.reject_steps or (opt.adaptive_damping
@@ -92,23 +97,25 @@ class _StepRun:
     def run(self) -> Any:
         opt = self.opt
         runner = opt._runner
-        first = runner.first_call(
-            self.closure, self.device,
-            record=opt.curvature_fraction >= 1.0 and opt.backend != "autograd",
-            want_rows=opt.curvature_fraction < 1.0, check_inputs=opt._check_inputs)
+        watch = ClosureLoss(opt.loss, opt.model, opt.output) if opt.loss is not None else None
+        with watch if watch is not None else contextlib.nullcontext():
+            first = runner.first_call(
+                self.closure, self.device,
+                record=opt.curvature_fraction >= 1.0 and opt.backend != "autograd",
+                want_rows=opt.curvature_fraction < 1.0, check_inputs=opt._check_inputs)
+        if watch is not None:
+            self.targets = watch.targets()
         opt._batch_rows = first.rows
         runner.keep_after_first_call(self.device)  # put back by NGD.step when the step is over
         value = loss_value(first.loss)
+        if self.comm is not None:  # the ranks' mean loss; their state is checked to agree
+            value = self.comm.start(opt, value)
         if all(p.grad is None for p in self.params):
             raise ValueError("closure: no parameter has a .grad after it ran; it must call "
                              "loss.backward() before returning the loss")
-        for i, group in enumerate(opt.param_groups):
+        for i, group in enumerate(opt.param_groups):  # a scheduler or the user may set them
             for key in ("lr", "weight_decay"):
-                v = group[key]
-                if isinstance(v, bool) or not isinstance(v, int | float) \
-                        or not math.isfinite(v) or v < 0:
-                    raise ValueError(f"{key}: param_groups[{i}][{key!r}] must be a finite "
-                                     f"number ≥ 0 (set by a scheduler?), got {v!r}")
+                group_value(i, group, key)
         self.stats = {
             "step": opt.steps + 1, "loss": value, "trial_loss": math.nan, "accepted": False,
             "reason": "", "iterations": 0, "residual": math.nan, "converged": False,
@@ -119,6 +126,9 @@ class _StepRun:
             self._solve_and_move(first, value)
         except _Skip as skip:
             self._skip(skip)
+        finally:
+            if self.comm is not None:
+                opt.communication = self.comm.stats
         return first.loss
 
     def _gradient(self, ws: Workspace | None, decay: dict[int, float]) -> Tensor:
@@ -131,6 +141,8 @@ class _StepRun:
                 for p, chunk in zip(params, g.split(self.opt._sizes)):
                     if decay.get(id(p)):
                         chunk.add_(p.detach().reshape(-1), alpha=decay[id(p)])
+            if self.comm is not None:  # the ranks' mean (DDP's backward did it already)
+                self.comm.gradient(g)
             # A finite ‖g‖ means a finite g (NaN and Inf propagate): one pass for both. A norm
             # that overflowed from finite values is no use either.
             grad_norm = float(norm(g))
@@ -171,10 +183,13 @@ class _StepRun:
                                                             self.targets)
         c_args, c_kwargs = as_positional(opt.model, c_args, c_kwargs)
         fisher_model = BoundKwargs(opt.model, c_kwargs) if c_kwargs else opt.model
-        return GuardedOperator(FisherOperator(
-            fisher_model, c_args, opt.likelihood, targets=c_targets, fisher=opt.fisher,
-            damping=opt.damping, backend=opt.backend, mc_samples=opt.mc_samples,
-            generator=opt._generator, record=first.record))
+        op = FisherOperator(
+            fisher_model, c_args, opt.likelihood, loss=opt.loss, targets=c_targets,
+            output=opt.output, fisher=opt.fisher, damping=opt.damping, backend=opt.backend,
+            mc_samples=opt.mc_samples, generator=opt._generator, record=first.record)
+        if self.comm is not None:  # every product averaged over the ranks' examples
+            op = distributed.DistributedOperator(op, self.comm)
+        return GuardedOperator(op)
 
     def _solve_and_move(self, first: FirstCall, value: float) -> None:
         opt, params, stats = self.opt, self.params, self.stats
@@ -199,6 +214,8 @@ class _StepRun:
             if prev is not None:
                 x0 = prev.mul_(opt.warm_start_decay).to(g.dtype)
         method = opt._resolve_method(op, x0)
+        if self.comm is not None:
+            method = distributed.resolve_method(method, op, opt)
         op.watch.last_only = method in ("cg", "pcg") and op.device.type == "cpu"  # host loops
         An = None
         try:
@@ -356,7 +373,12 @@ class _StepRun:
             stats.update(accepted=True, reason="accepted")
             self._finish(self._book(damping=opt.damping))
             return
-        trial = opt._runner.trial_loss(self.closure, first, params, self.device)
+        if self.comm is None:
+            trial = opt._runner.trial_loss(self.closure, first, params, self.device)
+        else:
+            with self.comm.no_sync():
+                trial = opt._runner.trial_loss(self.closure, first, params, self.device)
+            trial = self.comm.scalar_mean(trial)
         if not math.isfinite(trial):
             self.tx.unmove()
             stats.update(trial_loss=trial, step_norm=0.0)

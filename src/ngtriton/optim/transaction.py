@@ -4,7 +4,12 @@ The optimizer's scalar state lives in one immutable :class:`Book` that a step re
 single assignment, its commit point. Before that point the step writes nothing of the optimizer
 state (new per-parameter tensors are made, never written in place), so :meth:`Transaction.rollback`
 only has to put the parameters back (if they moved), the per-parameter state dicts, the history's
-length and the generator. After it, the step is done: an exception that arrives later (an
+length and the generator, and what the closure's calls changed on the model (hooks,
+``requires_grad``, BatchNorm statistics, random generators, grad mode: see
+:meth:`.closure.ClosureRunner.abort`). The rollback does all of it itself, because any clean-up
+inside the step can be cut short by an interrupt before it starts. The commit first puts back
+what the first call left (:meth:`.closure.ClosureRunner.end`), so nothing is pending once the
+book is assigned. After that point the step is done: an exception that arrives later (an
 interrupt in the clean-up) leaves the completed step in place.
 """
 
@@ -41,6 +46,10 @@ class Transaction:
         self.states = [(p, dict(opt.state[p]) if p in opt.state else None) for p in params]
         self.unmove: Callable[[], None] | None = None  # puts the parameters back, once moved
         self.committed: Book | None = None
+        self.device = params[0].device
+        loss = getattr(opt, "loss", None)  # NGD(loss=...): the step hooks that module too
+        self.start = opt._runner.begin(  # the model's side, for the rollback
+            self.device, [loss] if isinstance(loss, torch.nn.Module) else [])
 
     def done(self, opt: Any) -> bool:
         """Whether the step reached its commit point."""
@@ -49,6 +58,7 @@ class Transaction:
     def commit(self, opt: Any, book: Book, stats: NGDStats,
                updates: list[tuple[Tensor, dict[str, Tensor]]]) -> None:
         """Write the step's results; the book's assignment is the point of no return."""
+        opt._runner.end(self.device)
         self.committed = book
         for p, entries in updates:
             opt.state[p].update(entries)
@@ -68,6 +78,7 @@ class Transaction:
                 opt.state.pop(p, None)
             else:
                 opt.state[p] = dict(state)
+        opt._runner.abort(self.start)
 
 
 def restorer(params: list[Tensor], saved: list[Tensor]) -> Callable[[], None]:
