@@ -83,7 +83,7 @@ def precision():
 
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     yield set_
-    set_matmul_precision("ieee")
+    set_matmul_precision("torch")
     torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,27 @@ def machine() -> dict[str, str]:
     return info
 
 
+def device_tag(name: str | None = None) -> str:
+    """Short name of the device the numbers were measured on, for file names: ``"h100"`` for
+    ``torch.cuda.get_device_name()`` = ``"NVIDIA H100 80GB HBM3"`` (``"h200"``, ``"a100"``,
+    ``"rtx4090"``, ...), ``"cpu"`` without CUDA; so that two cards never overwrite each other."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = torch.cuda.get_device_name()
+    vendor = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon"}
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in vendor]
+    for w in words:  # the model: letters then digits (h100, a100, l40s, rtx4090, mi300x)
+        if re.fullmatch(r"[a-z]+\d+[a-z]*", w):
+            return w
+    return "-".join(words) or "gpu"
+
+
+def results_stem(tag: str | None = None, date: dt.date | None = None) -> str:
+    """``<device>-<date>``, e.g. ``h100-2026-12-07``."""
+    return f"{tag or device_tag()}-{(date or dt.date.today()).isoformat()}"
+
+
 def render(report: dict) -> str:
     """A markdown page: the machine, then one table per benchmark group."""
     lines = ["# ngtriton benchmark results", ""]
@@ -88,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no benchmark results were written", file=sys.stderr)
             return code or 1
         report = {"machine": machine(), "benchmarks": json.loads(raw.read_text())}
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
-    stem = f"{tag}-{dt.date.today().isoformat()}"
+    stem = results_stem()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{stem}.md").write_text(render(report))

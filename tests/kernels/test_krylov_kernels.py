@@ -17,7 +17,7 @@ def _close(a, b, dtype):
     torch.testing.assert_close(a.double(), b.double(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("n", [1, 1000])
+@pytest.mark.parametrize("n", [1, 1000, 4097])  # 4097: several blocks on a GPU too (4096)
 @pytest.mark.parametrize("alpha_kind", ["tensor", "float"])
 @pytest.mark.parametrize("dtype", VEC_DTYPES, ids=str)
 def test_cg_update(dtype, alpha_kind, n, gen):

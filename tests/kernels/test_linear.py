@@ -66,19 +66,108 @@ def test_jvp_strided_inputs(gen):
     assert_close(out, R.linear_jvp(x, xd, w, wd, bd, da), torch.float32, scale=8)
 
 
-def test_matmul_precision_setting(gen):
+@pytest.fixture
+def torch_precision():
+    """Restore torch's float32 matmul setting and ngtriton's override after the test."""
+    old = torch.get_float32_matmul_precision()
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(old)
+    torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    set_matmul_precision("torch")
+
+
+def test_matmul_precision_setting(gen, torch_precision):
+    torch.set_float32_matmul_precision("highest")
     assert get_matmul_precision() == "ieee"
     args = _jvp_inputs(*ODD, torch.float32, gen)
-    try:
-        set_matmul_precision("TF32")
-        assert get_matmul_precision() == "tf32"
-        out = K.linear_jvp(*args)
-    finally:
-        set_matmul_precision("ieee")
+    set_matmul_precision("TF32")
+    assert get_matmul_precision() == "tf32"
+    out = K.linear_jvp(*args)
+    set_matmul_precision("torch")
+    assert get_matmul_precision() == "ieee"
     # tf32 keeps 10 mantissa bits of the operands (the interpreter computes in full fp32)
     torch.testing.assert_close(out, _jvp_ref(*args), rtol=1e-2, atol=1e-2 * 8)
     with pytest.raises(ValueError):
         set_matmul_precision("bf16")
+
+
+@pytest.mark.parametrize("setting,tf32,want", [
+    ("highest", False, "ieee"), ("high", None, "tf32"), ("medium", None, "tf32"),
+    ("highest", True, "tf32")])
+def test_matmul_precision_follows_torch(setting, tf32, want, torch_precision):
+    """fp32 dots use "ieee" only where torch's own fp32 matmuls would: precision "highest" with
+    TF32 off; "high"/"medium" or ``allow_tf32 = True`` give "tf32"."""
+    torch.set_float32_matmul_precision(setting)
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    from ngtriton.kernels import _config, torch_matmul_precision
+
+    assert torch_matmul_precision() == want
+    assert get_matmul_precision() == want
+    assert _config.dot_precision(torch.float32) == want
+    assert _config.dot_precision(torch.float16) == "tf32"  # half precision: tensor cores always
+    set_matmul_precision("ieee")  # ngtriton's own override wins over torch's setting
+    assert _config.dot_precision(torch.float32) == "ieee"
+
+
+def test_autotune_key_buckets_the_batch():
+    """Batch sizes share an autotuning key per power of two; the pruner benchmarks at most
+    MAX_TRIALS configurations per key."""
+    assert [K._bucket(m) for m in (0, 1, 2, 3, 4, 5, 100, 128, 129, 4096, 4097)] == [
+        1, 1, 2, 4, 4, 8, 128, 128, 256, 4096, 8192]
+    for kern in (K._linear_jvp_kernel, K._linear_jvp_row_kernel, K._linear_vjp_dx_kernel,
+                 K._linear_vjp_dw_kernel):
+        assert "M_BUCKET" in kern.keys and "M" not in kern.keys
+        assert "rows_per_split" not in kern.keys
+    tiles = [(128, 128, 64, 8, 4)] * 10
+    kept = K._prune_tiles(tiles, [True] * 10, [64] * 10, 132)
+    assert kept == list(range(K.MAX_TRIALS))
+    assert K._prune_tiles(tiles, [False] * 10, [64] * 10, 132) == [0]  # never empty
+
+
+@pytest.mark.parametrize("offset,cols", [(1, 29), (3, 32), (0, 30)], ids=["both", "ptr", "stride"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_misaligned_operands_are_realigned(offset, cols, dtype, gen, monkeypatch):
+    """Tangents are views into a flat vector at arbitrary offsets: an operand whose address or
+    row stride a launch cannot prove 16-byte aligned is copied into an aligned, padded buffer
+    before the launch; the results are those of the reference."""
+    M, N = 19, 23
+    flat = randn(offset + N * cols + M * cols + 64, gen=gen, dtype=dtype)
+    wd = flat[offset:offset + N * cols].view(N, cols)
+    xd = flat[offset + N * cols:offset + N * cols + M * cols].view(M, cols)
+    assert not K.is_aligned(wd) and not K.is_aligned(xd)
+    x = randn(M, cols, gen=gen, dtype=dtype)
+    w = randn(N, cols, gen=gen, dtype=dtype)
+    bd = randn(N, gen=gen, dtype=dtype)
+    seen = []
+    orig = K._streamable
+    monkeypatch.setattr(K, "_streamable", lambda t: seen.append(orig(t)) or seen[-1])
+    out = K.linear_jvp(x, xd, w, wd, bd, None)
+    assert all(t is None or K.is_aligned(t) for t in seen)
+    assert_close(out, _jvp_ref(x, xd, w, wd, bd, None), dtype, scale=math.sqrt(2 * cols))
+    go = flat[offset:offset + M * N].view(M, N)
+    seen.clear()
+    got = K.linear_vjp(x, w, go, None, True, True, True)
+    assert all(t is None or K.is_aligned(t) for t in seen)
+    _check_vjp(got, x, w, go, None, (True, True, True), dtype)
+
+
+def test_aligned_copy_pads_rows(gen):
+    t = randn(5, 30, gen=gen)[:, 1:]
+    c = K.aligned_copy(t)
+    assert torch.equal(c, t) and K.is_aligned(c) and c.stride() == (32, 1)
+    a = randn(4, 32, gen=gen)
+    assert K.is_aligned(a) and K._streamable(a) is a  # aligned operands are not copied
+
+
+def test_split_workspace_keeps_32bit_offsets(monkeypatch):
+    """The fp32 workspace (split, N, K) of the batch split stays within 32-bit offsets."""
+    monkeypatch.setattr(K, "INT32_MAX", 1000)
+    assert K._max_split(10, 30, True) == 3
+    assert K._max_split(10, 30, False) == 100
+    split, rows = K.choose_split(10**6, 10, 30, torch.device("meta"), sms=132)
+    assert split <= 3 and split * rows >= 10**6
 
 
 def _vjp_inputs(M, Kd, N, dtype, gen, has_dact=True):
@@ -134,7 +223,9 @@ def test_vjp_strided_inputs(gen):
 def test_vjp_split_k_tall_batch(dtype, gen):
     """Tall M, small N·K: the batch reduction of gw/gb is split over programs (fp32 workspace,
     second reduction) and the result is deterministic."""
-    M, Kd, N = 300, 12, 10
+    # long enough for a split with this backend's constants (the GPU's need far more rows than
+    # the interpreter's)
+    M, Kd, N = 4 * K._SPLIT_MIN_ROWS + 44, 12, 10
     split, rows = K.choose_split(M, N, Kd, torch.device(DEVICE))
     assert split > 1 and (split - 1) * rows < M <= split * rows
     x, w, go, da = _vjp_inputs(M, Kd, N, dtype, gen)

@@ -24,8 +24,9 @@ def _probs(shape, dtype, gen):
     return torch.softmax(randn(*shape, gen=gen, scale=2.0), dim=-1).to(dtype)
 
 
-# m = 7 and 64: the row fits one block; m = 300: looped over blocks (interpreter block 256).
-@pytest.mark.parametrize("shape", [(13, 7), (5, 64), (4, 300), (2, 3, 10)], ids=str)
+# m = 7 and 64: the row fits one block; m = 300: looped over blocks in the interpreter (block
+# 256), m = 4100 on a GPU too (block 4096).
+@pytest.mark.parametrize("shape", [(13, 7), (5, 64), (4, 300), (2, 4100), (2, 3, 10)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fn", CATEGORICAL, ids=lambda f: f[0].__name__)
 def test_categorical(fn, dtype, shape, gen):

@@ -18,7 +18,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._config import get_matmul_precision, set_matmul_precision, triton_available
+from ._config import (
+    get_matmul_precision,
+    set_matmul_precision,
+    torch_matmul_precision,
+    triton_available,
+)
 
 __all__ = [
     "get_matmul_precision",
@@ -28,6 +33,7 @@ __all__ = [
     "ops",
     "output",
     "set_matmul_precision",
+    "torch_matmul_precision",
     "triton_available",
 ]
 

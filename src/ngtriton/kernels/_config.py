@@ -5,6 +5,7 @@ Nothing here imports triton, so it is safe to import on machines without it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -12,12 +13,15 @@ import torch
 
 _TRUE = ("1", "true", "yes", "on")
 
-# Precision of ``tl.dot`` on float32 operands. "ieee" (the default) keeps full fp32 products, which
-# the Krylov solvers need; "tf32" is an opt-in for speed (10-bit mantissa inputs, fp32 accumulate).
-# Half-precision operands (fp16/bf16) always run on tensor cores with fp32 accumulation.
+# Precision of ``tl.dot`` on float32 operands follows torch's own setting for float32 matmuls, as
+# a PyTorch user expects: "ieee" (full fp32 products, FMA dots) when torch says "highest" (its
+# default) and TF32 is off; "tf32" (tensor cores: 10-bit mantissa inputs, fp32 accumulate) when
+# ``torch.set_float32_matmul_precision("high"/"medium")`` or
+# ``torch.backends.cuda.matmul.allow_tf32 = True``. ``set_matmul_precision`` overrides it for
+# ngtriton alone; ``set_matmul_precision("torch")`` returns to following torch. Half-precision
+# operands (fp16/bf16) always run on tensor cores with fp32 accumulation.
 _MATMUL_PRECISIONS = ("ieee", "tf32")
-_matmul_precision = "ieee"
-
+_matmul_precision: str | None = None  # None: follow torch
 
 def interpreting() -> bool:
     """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET`` set, read now)."""
@@ -53,18 +57,34 @@ def triton_available() -> bool:
     return _triton_importable() and (_cuda() or INTERPRET)
 
 
-def set_matmul_precision(precision: str) -> None:
-    """Select the ``tl.dot`` precision for float32 operands: ``"ieee"`` (default) or ``"tf32"``."""
+def torch_matmul_precision() -> str:
+    """The ``tl.dot`` precision that torch's float32 matmul setting maps to: ``"ieee"`` only when
+    ``torch.get_float32_matmul_precision()`` is ``"highest"`` and
+    ``torch.backends.cuda.matmul.allow_tf32`` is off, else ``"tf32"``."""
+    highest = torch.get_float32_matmul_precision() == "highest"
+    if highest and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def set_matmul_precision(precision: str | None) -> None:
+    """Select the ``tl.dot`` precision for float32 operands: ``"ieee"`` or ``"tf32"`` (an override
+    for ngtriton alone), or ``"torch"`` / ``None`` (the default: follow torch's setting, see
+    :func:`torch_matmul_precision`)."""
+    global _matmul_precision
+    if precision is None or str(precision).lower() == "torch":
+        _matmul_precision = None
+        return
     p = str(precision).lower()
     if p not in _MATMUL_PRECISIONS:
-        raise ValueError(f"precision must be one of {_MATMUL_PRECISIONS}, got {precision!r}")
-    global _matmul_precision
+        raise ValueError(f"precision must be one of {_MATMUL_PRECISIONS} or 'torch', "
+                         f"got {precision!r}")
     _matmul_precision = p
 
 
 def get_matmul_precision() -> str:
-    """The current ``tl.dot`` precision for float32 operands."""
-    return _matmul_precision
+    """The ``tl.dot`` precision float32 operands get now (the override, else torch's setting)."""
+    return _matmul_precision if _matmul_precision is not None else torch_matmul_precision()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -73,7 +93,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     Only float32 operands are affected by the setting; for fp16/bf16 Triton ignores the option, so
     they get Triton's default (the tensor-core path) to keep one compiled variant.
     """
-    return _matmul_precision if dtype == torch.float32 else "tf32"
+    return get_matmul_precision() if dtype == torch.float32 else "tf32"
 
 
 # dtypes the matmul/row-wise kernels accept. The interpreter has no bfloat16.
@@ -122,3 +142,47 @@ def num_sms(device: torch.device) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# Offsets inside the kernels are 32-bit: every element a kernel may address, i.e. the strided span
+# of each tensor (not its element count: a transposed or sliced view reaches further), must lie
+# below 2³¹.
+INT32_MAX = 2**31 - 1
+
+
+def span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to its last addressed element, inclusive, through its
+    strides (0 for an empty tensor): the largest offset a kernel computes is ``span - 1``."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+
+
+def offsets_fit(*tensors: torch.Tensor | None, slack: int = 0) -> bool:
+    """Whether 32-bit offsets reach every element of each tensor (``None`` ignored), with
+    ``slack`` more elements (a block's overshoot past the end, computed though masked)."""
+    return all(t is None or span(t) + slack <= INT32_MAX for t in tensors)
+
+
+def on_device(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device the current one while a kernel is launched:
+    Triton launches on the current device, which need not be the tensors' own (e.g. tensors on
+    ``cuda:1`` with ``cuda:0`` current). A no-op when they already agree, and off CUDA."""
+    dev = t.device
+    if dev.type != "cuda" or dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
+
+
+def launch_on_device(fn):
+    """Decorator: run ``fn`` under :func:`on_device` of its first tensor argument."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with on_device(t):
+            return fn(*args, **kwargs)
+
+    return wrapped

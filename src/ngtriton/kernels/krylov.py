@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._config import INTERPRET, can_launch, cdiv, kernel_dtypes
+from ._config import INTERPRET, can_launch, cdiv, kernel_dtypes, launch_on_device, offsets_fit
 
 try:
     import triton
@@ -294,6 +294,8 @@ def _vec_ok(*ts: Tensor) -> bool:
     for t in ts:
         if t.numel() != n or not t.is_contiguous():
             return False
+    if not offsets_fit(ts[0], slack=_BLOCK):  # 32-bit offsets, the last block included
+        return False
     return can_launch(*ts, dtypes=(*kernel_dtypes(), torch.float64))
 
 
@@ -311,6 +313,7 @@ def _scalars_ok(like: Tensor, *ss: Tensor) -> bool:
     return all(_scalar_ok(s, like) for s in ss)
 
 
+@launch_on_device
 def cg_update(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor | float) -> Tensor:
     """``x += α p``, ``r −= α Ap`` in place, returning ``‖r‖²`` (0-d) from the same pass."""
     a = _scalar(alpha, x)
@@ -325,6 +328,7 @@ def cg_update(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, alpha: Tensor | float
     return part.sum()
 
 
+@launch_on_device
 def update_direction(p: Tensor, r: Tensor, beta: Tensor | float) -> Tensor:
     """``p = r + β p`` in place; returns ``p``."""
     b = _scalar(beta, p)
@@ -338,6 +342,7 @@ def update_direction(p: Tensor, r: Tensor, beta: Tensor | float) -> Tensor:
     return p
 
 
+@launch_on_device
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """``a·b`` as a 0-d tensor (fp32, or fp64 for fp64 inputs), no host synchronisation."""
     if not _vec_ok(a, b):
@@ -351,6 +356,7 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     return part.sum()
 
 
+@launch_on_device
 def sub_scaled_dot(y: Tensor, a: Tensor, b: Tensor, s: Tensor | float, d: Tensor | None = None,
                    keep: Tensor | bool | None = None) -> Tensor:
     """``y = a − s b`` in place (all zeros, NaN/Inf dropped, when ``keep`` is False), returning
@@ -372,6 +378,7 @@ def sub_scaled_dot(y: Tensor, a: Tensor, b: Tensor, s: Tensor | float, d: Tensor
     return part.sum()
 
 
+@launch_on_device
 def minres_update(x: Tensor, v: Tensor, w1: Tensor, w2: Tensor, y: Tensor,
                   oldeps: Tensor | float, delta: Tensor | float, denom: Tensor | float,
                   phi: Tensor | float, vscale: Tensor | float) -> Tensor:
@@ -388,6 +395,7 @@ def minres_update(x: Tensor, v: Tensor, w1: Tensor, w2: Tensor, y: Tensor,
     return w1
 
 
+@launch_on_device
 def normalize(v: Tensor, nv: Tensor | float) -> Tensor:
     """``v = v/nv`` in place, all zeros when ``nv`` is 0 or not finite; returns ``v``."""
     sn = _scalar(nv, v)
@@ -401,6 +409,7 @@ def normalize(v: Tensor, nv: Tensor | float) -> Tensor:
     return v
 
 
+@launch_on_device
 def lsmr_update(x: Tensor, h: Tensor, hbar: Tensor, v: Tensor, nv: Tensor | float,
                 c1: Tensor | float, c2: Tensor | float, c3: Tensor | float) -> Tensor:
     """LSMR's ``v = v/nv`` (as :func:`normalize`), ``h̄ = h − c₁ h̄``, ``x += c₂ h̄`` and

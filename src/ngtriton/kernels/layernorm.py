@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import sum_partials
-from ._config import INTERPRET, cdiv, num_sms
+from ._config import INTERPRET, cdiv, launch_on_device, num_sms
 
 MAX_BLOCK_D = 16384  # wider rows fall back to torch (a whole row must fit in one program)
 
@@ -70,6 +70,7 @@ def _layernorm_jvp_kernel(
              mask=mask)
 
 
+@launch_on_device
 def layernorm_jvp(xhat: Tensor, rstd: Tensor, x_dot: Tensor | None, weight: Tensor | None,
                   weight_dot: Tensor | None, bias_dot: Tensor | None) -> Tensor:
     """LayerNorm tangent ``w ⊙ (ẋ − mean ẋ − x̂ mean(ẋ x̂)) rstd + x̂ ⊙ ẇ + ḃ`` (``xhat``'s dtype)."""
@@ -139,6 +140,7 @@ def _layernorm_vjp_kernel(
         tl.store(gb_ptr + pid * s_gbp + cols, gb_acc.to(gb_ptr.dtype.element_ty), mask=cmask)
 
 
+@launch_on_device
 def layernorm_vjp(xhat: Tensor, rstd: Tensor, grad_out: Tensor, weight: Tensor | None,
                   need_input: bool, need_weight: bool, need_bias: bool
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

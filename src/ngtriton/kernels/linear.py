@@ -17,10 +17,14 @@ Reference: :func:`ngtriton.linearize.ops_torch.linear_jvp` / ``linear_vjp`` (sam
   deterministic, no atomics.
 
 Accumulation is fp32 throughout; fp16/bf16 operands go to tensor cores; fp32 operands use the
-precision selected by :func:`ngtriton.kernels.set_matmul_precision` ("ieee" by default).
+precision torch uses for its own float32 matmuls ("ieee" under torch's default "highest", "tf32"
+after ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``), unless
+:func:`ngtriton.kernels.set_matmul_precision` overrides it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -28,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import grouped_tile, sum_partials
-from ._config import INTERPRET, cdiv, dot_precision, num_sms
+from ._config import INT32_MAX, INTERPRET, cdiv, dot_precision, launch_on_device, num_sms
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations (Hopper, H100/H200: 228 KiB shared memory and 64K registers per SM).
@@ -82,13 +86,23 @@ _SMEM_BUDGET = 200 * 1024
 _TILE_REG_BYTES = 512
 
 
+_TENSOR_CORES: dict[int, bool] = {}  # id(TileConfig) -> its kind (configs live for the process)
+
+
 class TileConfig(triton.Config):
     """A ``triton.Config`` that knows whether its tile is meant for tensor-core dots (fp16/bf16,
-    fp32 with "tf32") or FMA dots (fp32 "ieee"); the pruner keeps the kind the launch needs."""
+    fp32 with "tf32") or FMA dots (fp32 "ieee"); the pruner keeps the kind the launch needs.
+
+    The kind is kept outside the instance's ``__dict__``: Triton's on-disk autotuning cache
+    rebuilds each config as ``triton.Config(**config.__dict__)``."""
 
     def __init__(self, kwargs: dict, num_warps: int, num_stages: int, tensor_cores: bool):
         super().__init__(kwargs, num_warps=num_warps, num_stages=num_stages)
-        self.tensor_cores = tensor_cores
+        _TENSOR_CORES[id(self)] = bool(tensor_cores)
+
+    @property
+    def tensor_cores(self) -> bool:
+        return _TENSOR_CORES[id(self)]
 
 
 def _configs(names: tuple[str, ...], tc: list[tuple[int, ...]], fma: list[tuple[int, ...]],
@@ -110,15 +124,23 @@ def tile_fits(tile: Tile, itemsize: int, elem_bytes: int, stage_elems: int) -> b
             and stages * stage_elems * itemsize <= _SMEM_BUDGET)
 
 
-def _prune_tiles(tiles: list[Tile], keep: list[bool], programs: list[int], sms: int
-                 ) -> list[int]:
+# At most this many configurations are benchmarked per autotuning key (the first ones the pruner
+# keeps, in table order: largest tiles first). Each costs a compile and a benchmark inside the
+# first product of a new key. ``NGTRITON_MAX_TRIALS=1`` (read at import) skips the benchmarking:
+# one compile per key, e.g. for correctness tests on a GPU.
+MAX_TRIALS = max(1, int(os.environ.get("NGTRITON_MAX_TRIALS", "4")))
+
+
+def _prune_tiles(tiles: list[Tile], keep: list[bool], programs: list[int], sms: int,
+                 max_trials: int = MAX_TRIALS) -> list[int]:
     """Indices of the kept tiles, less those that leave most of the machine idle when another
-    kept tile fills it better (fewer than half of ``min(sms, best)`` programs)."""
+    kept tile fills it better (fewer than half of ``min(sms, best)`` programs), at most
+    ``max_trials`` of them."""
     idx = [i for i, k in enumerate(keep) if k]
     if not idx:  # nothing fits: the smallest tile (fewest registers and buffers)
         return [min(range(len(tiles)), key=lambda i: (tiles[i][0] * tiles[i][1], tiles[i][2]))]
     floor = min(sms, max(programs[i] for i in idx)) // 2
-    return [i for i in idx if programs[i] >= floor]
+    return [i for i in idx if programs[i] >= floor][:max_trials]
 
 
 _H100_SMS = 132  # SM count assumed when the launch's device is not a GPU (compile-only checks)
@@ -188,6 +210,12 @@ def _bucket(m: int) -> int:
     """Autotuning key for the batch dimension: the next power of two, so that a model fed
     varying batch × sequence lengths tunes once per bucket, not once per length."""
     return triton.next_power_of_2(max(int(m), 1))
+
+
+# Autotuning: keys bucket the batch (``_bucket``), the pruner leaves at most MAX_TRIALS configs,
+# the choice is kept per key for the process (Triton's in-memory cache) and, on a GPU, on disk
+# in Triton's cache directory (``cache_results``) so that the next process does not tune again.
+_CACHE_RESULTS = not INTERPRET
 
 
 _JVP_KEY = ["M_BUCKET", "N", "K", "HAS_XDOT", "HAS_WDOT", "HAS_BDOT", "HAS_DACT", "EPILOGUE",
@@ -331,6 +359,7 @@ _linear_jvp_even = triton.heuristics({"EVEN_K": _even("K", "BLOCK_K")})(_linear_
 _linear_jvp_kernel = triton.autotune(
     configs=_configs(_JVP_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
     key=_JVP_KEY,
+    cache_results=_CACHE_RESULTS,
     prune_configs_by={"early_config_prune": _pruner(
         _JVP_NAMES, _pair_stage, _jvp_elem_bytes, _grid_tiles("M_BUCKET", "N"))},
 )(_linear_jvp_even)
@@ -338,6 +367,7 @@ _linear_jvp_row_kernel = triton.autotune(
     configs=_configs(_ROW_NAMES, _ROW_TC_TABLE, _ROW_FMA_TABLE,
                      (_INTERP_BLOCKS[0], _INTERP_BLOCKS[2])),
     key=_JVP_KEY,
+    cache_results=_CACHE_RESULTS,
     prune_configs_by={"early_config_prune": _pruner(
         _JVP_NAMES, _pair_stage, _jvp_elem_bytes, _grid_tiles("M_BUCKET", "N"))},
 )(_linear_jvp_even)
@@ -347,19 +377,58 @@ def _strides(t: Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+# Operands of the reduction loops whose address or row stride Triton cannot prove 16-byte
+# aligned (a pointer not a multiple of 16 bytes, a stride not a multiple of 16 elements: the
+# launch specializes on exactly these) compile to scalar loads: no 16-byte ``cp.async``, so no
+# pipelining, and pointer tiles that spill. Tangents are views into the flat parameter vector, so
+# their offsets are arbitrary, and a layer of width 300 gives rows of 300 elements. Such an
+# operand is copied once per call into a 16-byte-aligned buffer whose rows are padded to 16
+# elements (one read and one write of the operand, against the kernel reading it once per
+# output tile column); ``REALIGN = False`` turns this off.
+# tests/kernels/test_compile_sm90.py compiles both forms for sm_90.
+REALIGN = True
+_ALIGN_BYTES = 16
+_ALIGN_ELEMS = 16
+
+
+def is_aligned(t: Tensor) -> bool:
+    """Whether a launch can prove every row of ``t`` 16-byte aligned: its address a multiple of
+    16 bytes and each stride either 1 or a multiple of 16 elements."""
+    return (t.data_ptr() % _ALIGN_BYTES == 0
+            and all(s == 1 or s % _ALIGN_ELEMS == 0 for s in t.stride()))
+
+
+def aligned_copy(t: Tensor) -> Tensor:
+    """A row-major copy of the 2-D ``t`` with 16-byte-aligned rows (rows padded to a multiple of
+    16 elements; the padding is never read)."""
+    rows, cols = t.shape
+    buf = torch.empty((rows, cdiv(max(cols, 1), _ALIGN_ELEMS) * _ALIGN_ELEMS), dtype=t.dtype,
+                      device=t.device)
+    out = buf[:, :cols]
+    out.copy_(t)
+    return out
+
+
 def _streamable(t: Tensor | None) -> Tensor | None:
-    """``t`` (2-D) with a unit stride in one of its dimensions, copied if it has none.
+    """``t`` (2-D) as a reduction loop streams it best: with 16-byte-aligned rows (copied when
+    it has not, see ``REALIGN``), and with a unit stride in one of its dimensions (copied if it
+    has none).
 
     A launch specializes unit strides to constants, which is what lets the reduction loop's loads
     vectorize into 16-byte ``cp.async`` copies and be pipelined; a view strided in both
     dimensions (e.g. ``x[:, ::2]``) would be read element by element, unpipelined, with
     spilling pointer tiles. One copy is cheaper.
     """
-    if t is None or t.numel() <= 1 or 1 in t.stride():
+    if t is None or t.numel() <= 1:
         return t
-    return t.contiguous()
+    if REALIGN and not is_aligned(t):
+        return aligned_copy(t)
+    if 1 not in t.stride():
+        return t.contiguous()
+    return t
 
 
+@launch_on_device
 def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
                bias_dot: Tensor | None, dact: Tensor | None) -> Tensor:
     """``dact ⊙ (x_dot Wᵀ + x weight_dotᵀ + bias_dot)`` in one kernel; output dtype = ``x.dtype``.
@@ -370,6 +439,7 @@ def linear_jvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tens
     return _launch_jvp(x, x_dot, weight, weight_dot, bias_dot, dact, None, _EPI_NONE, 1.0)
 
 
+@launch_on_device
 def linear_jvp_fvp(x: Tensor, x_dot: Tensor | None, weight: Tensor, weight_dot: Tensor | None,
                    bias_dot: Tensor | None, dact: Tensor | None, state: Tensor, kind: str,
                    scale: float) -> Tensor:
@@ -433,6 +503,7 @@ def _vjp_elem_bytes(kw: dict, itemsize: int) -> int:
 @triton.autotune(
     configs=_configs(_DX_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
     key=["M_BUCKET", "N", "K", "HAS_DACT", "PRECISION"],
+    cache_results=_CACHE_RESULTS,
     prune_configs_by={"early_config_prune": _pruner(
         _DX_NAMES, _vjp_stage, _vjp_elem_bytes, _grid_tiles("M_BUCKET", "K"))},
 )
@@ -499,7 +570,8 @@ def _dw_even(args: dict) -> bool:
 
 @triton.autotune(
     configs=_configs(_DW_NAMES, _TC_TABLE, _FMA_TABLE, _INTERP_BLOCKS),
-    key=["M", "N", "K", "rows_per_split", "HAS_DACT", "NEED_W", "NEED_B", "PRECISION"],
+    key=["M_BUCKET", "N", "K", "HAS_DACT", "NEED_W", "NEED_B", "PRECISION"],
+    cache_results=_CACHE_RESULTS,
     prune_configs_by={"early_config_prune": _pruner(
         _DW_NAMES, _vjp_stage, _vjp_elem_bytes, _dw_programs)},
 )
@@ -507,7 +579,7 @@ def _dw_even(args: dict) -> bool:
 @triton.jit
 def _linear_vjp_dw_kernel(
     go_ptr, da_ptr, x_ptr, gw_ptr, gb_ptr,
-    M, N, K, rows_per_split,
+    M, N, K, rows_per_split, M_BUCKET,
     s_gom, s_gon, s_dam, s_dan, s_xm, s_xk,
     s_gws, s_gwn, s_gwk, s_gbs, s_gbn,
     HAS_DACT: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
@@ -586,10 +658,16 @@ def choose_split(M: int, N: int, K: int, device: torch.device, need_weight: bool
     if max_split < 2 or tiles >= sms:
         return 1, max(M, 1)
     split = min(max_split, cdiv(2 * sms, tiles))
+    split = min(split, _max_split(N, K, need_weight))
     if split < 2:
         return 1, max(M, 1)
     rows = cdiv(cdiv(M, split), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return cdiv(M, rows), rows
+
+
+def _max_split(N: int, K: int, need_weight: bool) -> int:
+    """Most splits whose fp32 workspace ``(split, N, K)`` 32-bit offsets still reach."""
+    return max(1, INT32_MAX // max(N * (K if need_weight else 1), 1))
 
 
 def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
@@ -599,6 +677,7 @@ def linear_vjp(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
     return linear_vjp_split(x, weight, grad_out, dact, need_input, need_weight, need_bias)
 
 
+@launch_on_device
 def linear_vjp_split(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor | None,
                      need_input: bool, need_weight: bool, need_bias: bool,
                      split: int | None = None
@@ -643,7 +722,7 @@ def linear_vjp_split(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor |
         if split is None:
             split, rows = choose_split(M, N, K, device, need_w)
         else:
-            split = max(1, min(int(split), M))
+            split = max(1, min(int(split), M, _max_split(N, K, need_w)))
             rows = cdiv(M, split)
             split = cdiv(M, rows)
         if split == 1:
@@ -664,7 +743,7 @@ def linear_vjp_split(x: Tensor, weight: Tensor, grad_out: Tensor, dact: Tensor |
             return (cdiv(N, meta["BLOCK_N"]) * nk, split)
 
         _linear_vjp_dw_kernel[grid_w](
-            grad_out, dact, x, gw_buf, gb_buf, M, N, K, rows,
+            grad_out, dact, x, gw_buf, gb_buf, M, N, K, rows, _bucket(rows),
             *grad_out.stride(), *da_strides, *x.stride(),
             gw_s, *gw_strides, gb_s, gb_stride,
             HAS_DACT=has_dact, NEED_W=need_w, NEED_B=need_bias, PRECISION=prec,

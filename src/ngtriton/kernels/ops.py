@@ -7,7 +7,9 @@ Triton kernels when its inputs allow it:
 - all tensors on one device with one dtype among float32 / float16 / bfloat16 (no bfloat16 in the
   interpreter);
 - 2-D activations (1-D parameter vectors); LayerNorm rows with unit feature stride and at most
-  ``MAX_BLOCK_D`` features; fewer than 2³¹ elements per tensor (32-bit offsets in the kernels);
+  ``MAX_BLOCK_D`` features; every tensor's strided span (its last addressed element, not its
+  element count: a transposed or sliced view reaches further) below 2³¹, as the kernels' offsets
+  are 32-bit;
 
 and to the torch reference otherwise. float64 deliberately stays on torch: Triton's fp64
 ``tl.dot`` runs on the FMA path, no faster than cuBLAS DGEMM, and float64 is the precision of the
@@ -21,17 +23,17 @@ import torch
 from torch import Tensor
 
 from ..linearize import ops_torch as _ref
-from ._config import can_launch
+from ._config import can_launch, offsets_fit
 
 __all__ = ["layernorm_jvp", "layernorm_vjp", "linear_jvp", "linear_jvp_fvp", "linear_vjp"]
 
-_MAX_NUMEL = 2**31 - 1
 _MAX_BLOCK_D = 16384  # == layernorm.MAX_BLOCK_D (kept here so dispatch needs no triton import)
 _FVP_MAX_N = 256  # == linear.FVP_MAX_N: widest categorical row fused into the JVP epilogue
 
 
 def _small(*ts: Tensor | None) -> bool:
-    return all(t is None or t.numel() <= _MAX_NUMEL for t in ts)
+    """32-bit offsets reach every element of each tensor, through its strides."""
+    return offsets_fit(*ts)
 
 
 def _dims(ts: tuple[Tensor | None, ...], ndims: tuple[int, ...]) -> bool:

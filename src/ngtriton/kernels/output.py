@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._config import INTERPRET, can_launch, cdiv
+from ._config import INTERPRET, can_launch, cdiv, launch_on_device, offsets_fit
 
 try:  # the torch references must stay importable without triton
     import triton
@@ -145,9 +145,12 @@ def _rows(p: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
     v2 = v.reshape(-1, m)
     if p2.numel() and (p2.stride(-1) != 1 or v2.stride(-1) != 1):
         p2, v2 = p2.contiguous(), v2.contiguous()
+    if not offsets_fit(p2, v2, slack=_ROW_BLOCK_MAX):  # 32-bit offsets, by the strided span
+        return None
     return p2, v2
 
 
+@launch_on_device
 def _categorical(p: Tensor, v: Tensor, mode: int, reference) -> Tensor:
     rows = _rows(p, v)
     if rows is None:
@@ -178,8 +181,10 @@ def categorical_factor(p: Tensor, u: Tensor) -> Tensor:
     return _categorical(p, u, _MODE_FACTOR, categorical_factor_reference)
 
 
+@launch_on_device
 def _bernoulli(s: Tensor, v: Tensor, sqrt: bool, reference) -> Tensor:
-    if s.shape != v.shape or not _HAS_TRITON or not can_launch(s, v):
+    if (s.shape != v.shape or not _HAS_TRITON or not can_launch(s, v)
+            or not offsets_fit(v, slack=_ELEM_BLOCK)):
         return reference(s, v)
     s1 = s.contiguous().reshape(-1)
     v1 = v.contiguous().reshape(-1)
