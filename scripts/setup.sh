@@ -18,5 +18,7 @@ if ! python -c "import torch" 2>/dev/null; then
         python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     fi
 fi
-python -m pip install -q -e ".[test]"
+# The extras with models and trainers nobody here wrote (Hugging Face transformers, Lightning,
+# heavyball): their tests skip without them, so CI installs them.
+python -m pip install -q -e ".[test,hf,lightning,bench]"
 python -c "import torch, ngtriton; print(f'ngtriton {ngtriton.__version__} | torch {torch.__version__} | cuda {torch.cuda.is_available()}')"

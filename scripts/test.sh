@@ -8,4 +8,5 @@ if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; the
     export TRITON_INTERPRET=1
 fi
 ruff check src tests benchmarks examples
-python -m pytest -q -p no:cacheprovider "$@"
+# Long checks are marked slow: `bash scripts/test.sh -m slow` runs them (a later -m wins).
+python -m pytest -q -p no:cacheprovider -m "not slow" "$@"

@@ -39,7 +39,7 @@ def test_quick_run_writes_every_curve(tmp_path):
     ``--ngd-config`` overrides the configuration of that name."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "benchmarks.time_to_target", "--quick", "--out", str(tmp_path),
-           "--threads", "1", "--ngd-config", 'NGD warm, maxiter 10={"warm_start": true, '
+           "--threads", "1", "--ngd-config", 'NGD momentum auto={"momentum": "auto", '
            '"maxiter": 5}']
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_quick_run_writes_every_curve(tmp_path):
     results = json.loads(path.read_text())
     assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu"]
     assert set(results["problems"]) == {"digits", "autoencoder", "chargpt"}
-    assert results["ngd_configs"]["NGD warm, maxiter 10"] == {"warm_start": True, "maxiter": 5}
+    assert results["ngd_configs"]["NGD momentum auto"] == {"momentum": "auto", "maxiter": 5}
     md = path.with_suffix(".md").read_text()
     families = {"adamw", "ngd"} | ({"muon", "soap"} if heavyball_module() else set())
     for name, problem in results["problems"].items():
@@ -64,7 +64,7 @@ def test_quick_run_writes_every_curve(tmp_path):
                 assert run["steps"] >= 1 and len(run["curve"]) >= 2
                 assert all(math.isfinite(v) for point in run["curve"] for v in point)
                 assert [p[1] for p in run["curve"]] == sorted(p[1] for p in run["curve"])
-        assert contenders["NGD warm, maxiter 10"]["kwargs"]["maxiter"] == 5
+        assert contenders["NGD momentum auto"]["kwargs"]["maxiter"] == 5
         for entry in contenders.values():
             if entry["family"] == "adamw":
                 for run in entry["runs"]:

@@ -121,9 +121,15 @@ class NGD(torch.optim.Optimizer):
     reach the parameters: every parameter stays bit for bit as it was, the damping is raised (when
     adaptive; from 0 it restarts at 1e-4), ``skipped_total`` and ``last_stats.reason`` record the
     event, and with ``nonfinite="raise"`` a :class:`NonFiniteError` (a ``FloatingPointError``)
-    naming the quantity is raised after that bookkeeping. Any other exception raised during a step
-    (a bad argument, an error in the closure) leaves the parameters and the optimizer's state
-    (damping, counters, generator, history) as they were before the call.
+    naming the quantity is raised after that bookkeeping. A finite gradient whose norm
+    overflows its dtype (|g| near 1e19 in float32) is skipped too, not rescaled: NGD's step is
+    invariant to the gradient's scale only through λ, and a loss that large is broken; the step
+    is skipped as long as the loss stays there, so rescale the loss. Any other exception raised
+    during a step (a bad argument, an error in the closure, ``KeyboardInterrupt`` at any point)
+    leaves the parameters and the optimizer's state (damping, counters, generator, history,
+    per-parameter state) as they were before the call, or, if it arrives after the step's
+    commit, as after it; the model's hooks, ``requires_grad`` flags, BatchNorm statistics, the
+    random generators and grad mode are put back as they were before the call.
 
     Args:
         model: the network to optimise (needed to linearize it).
