@@ -75,7 +75,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _init(rank: int, port: int, timeout_s: float = 30.0) -> None:
+def _init(rank: int, port: int, timeout_s: float = 120.0) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
