@@ -11,6 +11,7 @@ from kernel_helpers import DEVICE, DTYPES, assert_close, randn, up
 
 from ngtriton.kernels import get_matmul_precision, set_matmul_precision
 from ngtriton.kernels import linear as K
+from ngtriton.kernels import tiles as tile_configs
 from ngtriton.linearize import ops_torch as R
 
 ODD = (37, 29, 19)  # (M, K, N): no dimension a multiple of any block size
@@ -121,9 +122,9 @@ def test_autotune_key_buckets_the_batch():
         assert "M_BUCKET" in kern.keys and "M" not in kern.keys
         assert "rows_per_split" not in kern.keys
     tiles = [(128, 128, 64, 8, 4)] * 10
-    kept = K._prune_tiles(tiles, [True] * 10, [64] * 10, 132)
-    assert kept == list(range(K.MAX_TRIALS))
-    assert K._prune_tiles(tiles, [False] * 10, [64] * 10, 132) == [0]  # never empty
+    kept = tile_configs._prune_tiles(tiles, [True] * 10, [64] * 10, 132)
+    assert kept == list(range(tile_configs.MAX_TRIALS))
+    assert tile_configs._prune_tiles(tiles, [False] * 10, [64] * 10, 132) == [0]  # never empty
 
 
 @pytest.mark.parametrize("offset,cols", [(1, 29), (3, 32), (0, 30)], ids=["both", "ptr", "stride"])
