@@ -97,8 +97,10 @@ def _worker_equal(rank: int, port: int, out: str) -> None:
                 "comm": opt.communication}
         torch.save(results, f"{out}.{rank}")
         _misc(rank, out)
+        dist.barrier()  # leave together: a peer gone mid-collective aborts the other
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads can abort the process
 
 
 def _worker_fault(rank: int, port: int, out: str) -> None:
