@@ -47,3 +47,11 @@ def check_tangents(params: Sequence[Tensor], tangents: Sequence[Tensor]) -> None
         if not isinstance(t, torch.Tensor) or t.shape != p.shape:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"tangents[{i}]: expected shape {tuple(p.shape)}, got {shape}")
+
+
+class EngineUnsupported(Exception):
+    """The engine cannot linearize this model; ``reason`` says why (the caller falls back)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

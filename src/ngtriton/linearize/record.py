@@ -32,7 +32,7 @@ class _Entry:
 
 
 def _recordable(m: nn.Module) -> bool:
-    from .engine import _module_activation, _same_forward  # the engine's own rule tests
+    from .classify import _module_activation, _same_forward  # the engine's own rule tests
 
     if m._forward_hooks or m._forward_pre_hooks:  # the rules do not run a module's hooks
         return False

@@ -1,0 +1,119 @@
+"""What the engine has a rule for: modules, torch functions, tensor methods and ATen ops.
+
+The tables here name each op the builder treats specially (activations, arithmetic, reshapes,
+ops linear in their tensor inputs, dropout); everything else runs on the per-node autograd
+fallback. The torch-level names serve graphs traced by :mod:`torch.fx`
+(:mod:`~ngtriton.linearize.trace`), the ATen ones graphs captured by :func:`torch.export.export`
+(:mod:`~ngtriton.linearize.capture`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import Node
+from torch.nn.utils import parametrize
+
+from .rules import Activation
+
+# --------------------------------------------------------------------------------------------
+# What has a rule
+# --------------------------------------------------------------------------------------------
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout)
+_ACT_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACT_FUNCS: dict[Any, str] = {
+    torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
+    torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid",
+    torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu_: "relu",
+    F.silu: "silu",
+}
+_ACT_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu"}
+
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCS = {operator.sub, operator.isub, torch.sub, torch.subtract}
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul, torch.multiply}
+_DIV_FUNCS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide}
+_NEG_FUNCS = {operator.neg, torch.neg, torch.negative}
+_ARITH_METHODS = {"add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul",
+                  "div": "div", "true_divide": "div", "divide": "div", "neg": "neg",
+                  "negative": "neg"}
+
+_RESHAPE_FUNCS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
+                  torch.ravel}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                    "reshape_as", "contiguous", "ravel"}
+# linear in their (float) tensor arguments; other arguments are structural (dims, sizes, ...)
+_LINEAR_FUNCS = {torch.permute, torch.transpose, torch.t, torch.movedim, torch.moveaxis,
+                 torch.swapaxes, torch.swapdims, torch.narrow, torch.select, torch.split,
+                 torch.chunk, torch.unbind, torch.cat, torch.concat, torch.concatenate,
+                 torch.stack, torch.hstack, torch.vstack, torch.sum, torch.mean, torch.clone,
+                 torch.flip, torch.roll, torch.tile, torch.diagonal, torch.tril, torch.triu,
+                 operator.getitem, builtins.getattr}
+_LINEAR_METHODS = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
+                   "narrow", "select", "split", "chunk", "unbind", "sum", "mean", "clone", "flip",
+                   "roll", "tile", "repeat", "expand", "expand_as", "diagonal", "tril", "triu",
+                   "__getitem__", "to", "float", "double", "type_as"}
+
+
+def _plain(m: nn.Module) -> bool:
+    """Whether calling ``m`` is exactly its class's ``forward`` of its own parameters, as the
+    rules assume: no forward (pre-)hooks, no parametrization (``weight_norm``, ``register_
+    parametrization``), no ``forward`` set on the instance. Other modules run as opaque nodes,
+    by calling them."""
+    return not (m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
+                or "forward" in vars(m))
+
+
+def _same_forward(m: nn.Module, cls: type) -> bool:
+    return isinstance(m, cls) and type(m).forward is cls.forward and _plain(m)
+
+
+def _module_activation(m: nn.Module) -> Activation | None:
+    if not _plain(m):
+        return None
+    name = _ACT_MODULES.get(type(m))
+    if name is not None:
+        return Activation(name)
+    if type(m) is nn.GELU:
+        return Activation("gelu_tanh" if m.approximate == "tanh" else "gelu")
+    if type(m) is nn.LeakyReLU:
+        return Activation("leaky_relu", float(m.negative_slope))
+    return None
+
+
+def _embedding_ok(m: nn.Module) -> bool:
+    return (_same_forward(m, nn.Embedding) and m.max_norm is None
+            and not m.scale_grad_by_freq)
+
+
+def _has_module_rule(m: nn.Module) -> bool:
+    return (_same_forward(m, nn.Linear) or _same_forward(m, nn.LayerNorm) or _embedding_ok(m)
+            or _module_activation(m) is not None or _simple_module(m, _DROPOUT_MODULES)
+            or _simple_module(m, (nn.Identity, nn.Flatten, nn.Unflatten)))
+
+
+def _simple_module(m: nn.Module, types: Any) -> bool:
+    """``m`` is exactly one of ``types`` (no subclass), without hooks or parametrizations."""
+    return type(m) in types and _plain(m)
+
+
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _method_name(node: Node) -> str:
+    """A call_method's name with an in-place trailing underscore removed (``add_`` → ``add``)."""
+    name = str(node.target)
+    if name.endswith("_") and not name.endswith("__"):
+        return name[:-1]
+    return name
