@@ -21,8 +21,8 @@ F64 = torch.float64
 
 
 def operator(*args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # fx cannot trace them: the fallback's
+    with warnings.catch_warnings():  # fx cannot trace them; the ATen capture must
+        warnings.filterwarnings("error", ".*falling back to whole-model autograd")
         return FisherOperator(*args, **kwargs)
 
 

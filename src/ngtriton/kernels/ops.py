@@ -25,7 +25,8 @@ from torch import Tensor
 from ..linearize import ops_torch as _ref
 from ._config import can_launch, offsets_fit
 
-__all__ = ["layernorm_jvp", "layernorm_vjp", "linear_jvp", "linear_jvp_fvp", "linear_vjp"]
+__all__ = ["attention_forward", "attention_jvp", "layernorm_jvp", "layernorm_vjp", "linear_jvp",
+           "linear_jvp_fvp", "linear_vjp"]
 
 _MAX_BLOCK_D = 16384  # == layernorm.MAX_BLOCK_D (kept here so dispatch needs no triton import)
 _FVP_MAX_N = 256  # == linear.FVP_MAX_N: widest categorical row fused into the JVP epilogue
@@ -146,3 +147,54 @@ def layernorm_vjp(xhat: Tensor, rstd: Tensor, grad_out: Tensor, weight: Tensor |
         return layernorm.layernorm_vjp(xhat, rstd, grad_out, weight, need_input, need_weight,
                                        need_bias)
     return _ref.layernorm_vjp(xhat, rstd, grad_out, weight, need_input, need_weight, need_bias)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                      causal: bool = False, mask: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``(o, lse)`` of attention ``softmax(scale · q kᵀ + mask) v`` (flash-attention kernel).
+
+    q: (B, H, T, D), k, v: (B, H, S, D); ``mask`` broadcastable to (B, H, T, S), additive float
+    or boolean (True = keep); ``causal``: keep key j for query i when ``j ≤ i`` (as torch's
+    SDPA). lse: (B, H, T), fp32 (the input dtype for float64). Fully masked rows: o = 0,
+    lse = -inf. The kernel needs ``D ≤ 256``, ``B·H ≤ 65535`` and a bool or kernel-dtype mask
+    on q's device; anything else runs :mod:`.attention_reference`.
+    """
+    from . import attention_reference as ar
+
+    ts = (q, k, v)
+    if (ar.shapes_ok(q, k, v, mask) and 0 < q.shape[-1] <= 256
+            and q.shape[0] * q.shape[1] <= 65535 and _small(*ts, mask) and can_launch(*ts)
+            and (mask is None or (mask.device == q.device and can_launch(
+                mask, dtypes=None if mask.is_floating_point() else (torch.bool,))))):
+        from . import attention
+
+        return attention.attention_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    return ar.attention_forward_reference(q, k, v, scale=scale, causal=causal, mask=mask)
+
+
+def attention_jvp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dq: Tensor | None,
+                  dk: Tensor | None, dv: Tensor | None, *, scale: float | None = None,
+                  causal: bool = False, mask: Tensor | None = None) -> Tensor:
+    """Tangent ``do`` of attention along ``(dq, dk, dv)`` (each ``None`` = zero) from the
+    forward's ``o`` and ``lse`` (:func:`attention_forward`; one kernel pass over the keys).
+    Same conditions as :func:`attention_forward`, ``lse`` fp32 on q's device, and on a GPU
+    fp32 heads of at most 64 (``"ieee"``) / 128 (``"tf32"``) columns
+    (:func:`ngtriton.kernels.attention.jvp_head_limit`)."""
+    from . import attention_reference as ar
+
+    ts = (q, k, v, o, dq, dk, dv)
+    if (ar.shapes_ok(q, k, v, mask, o, lse, dq, dk, dv) and 0 < q.shape[-1] <= 256
+            and q.shape[0] * q.shape[1] <= 65535 and _small(*ts, lse, mask) and can_launch(*ts)
+            and lse.device == q.device and can_launch(lse, dtypes=(torch.float32,))
+            and (mask is None or (mask.device == q.device and can_launch(
+                mask, dtypes=None if mask.is_floating_point() else (torch.bool,))))):
+        from . import attention
+        from ._config import dot_precision
+
+        limit = attention.jvp_head_limit(q.dtype, dot_precision(q.dtype))
+        if attention.head_block(q.shape[-1]) <= limit:
+            return attention.attention_jvp(q, k, v, o, lse, dq, dk, dv, scale=scale,
+                                           causal=causal, mask=mask)
+    return ar.attention_jvp_reference(q, k, v, o, lse, dq, dk, dv, scale=scale, causal=causal,
+                                      mask=mask)

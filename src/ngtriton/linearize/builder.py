@@ -45,8 +45,11 @@ from .classify import (
     _module_activation,
     _same_forward,
     _simple_module,
+    as_torch,
+    functional,
 )
 from .dropout import dropout_free
+from .function_rules import function_rule, module_rule
 from .functions import NotLinearizable
 from .outputs import OutputSelector, select_node
 from .record import ForwardRecord
@@ -149,7 +152,7 @@ class _Builder:
         if node.op == "call_method":
             name = _method_name(node) if out_of_place else str(node.target)
             return lambda a, k: getattr(a[0], name)(*a[1:], **k)
-        return dropout_free(node.target)
+        return dropout_free(functional(node.target))
 
     @staticmethod
     def _closure(node: Node, run: Callable[..., Any], active: list[Node],
@@ -211,7 +214,12 @@ class _Builder:
             for node in nodes:
                 if node.op == "placeholder":
                     if n_placeholder < len(self.inputs):
-                        self.values[node] = self.inputs[n_placeholder]
+                        value = self.inputs[n_placeholder]
+                        slot = self.pslot.get(id(value)) if isinstance(value, Tensor) else None
+                        if slot is not None:  # a captured graph takes the parameters as inputs
+                            self.slots[node] = slot
+                            value = value.detach()
+                        self.values[node] = value
                     elif node.args:
                         self.values[node] = node.args[0]
                     else:
@@ -271,7 +279,7 @@ class _Builder:
             return Activation(name) if name else None
         if node.op != "call_function":
             return None
-        t = node.target
+        t = as_torch(node.target)
         if t is F.gelu:
             approx = _arg(node, 1, "approximate", "none")
             return Activation("gelu_tanh" if approx == "tanh" else "gelu")
@@ -286,7 +294,7 @@ class _Builder:
     def _is_linear(self, node: Node) -> bool:
         if node.op == "call_module":
             return _same_forward(self._module(node), nn.Linear)
-        return node.op == "call_function" and node.target is F.linear
+        return node.op == "call_function" and as_torch(node.target) is F.linear
 
     # -- one node -----------------------------------------------------------------------------
     def _node(self, node: Node, live: bool) -> None:
@@ -311,7 +319,7 @@ class _Builder:
     def _is_dropout(self, node: Node, mod: nn.Module | None) -> bool:
         if mod is not None:
             return _simple_module(mod, _DROPOUT_MODULES)
-        return node.op == "call_function" and node.target in DROPOUT_FUNCS
+        return node.op == "call_function" and as_torch(node.target) in DROPOUT_FUNCS
 
     def _inactive(self, node: Node, mod: nn.Module | None) -> Any:
         args, kwargs = self._val(node.args), self._val(node.kwargs)
@@ -320,6 +328,9 @@ class _Builder:
         return self._runner(node)(args, kwargs)
 
     def _module_node(self, node: Node, mod: nn.Module) -> None:
+        rule = module_rule(mod)
+        if rule is not None and rule(self, node, mod):
+            return
         x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         x, x_slot = self._src(x_arg)
         simple = len(node.args) + len(node.kwargs) == 1
@@ -438,8 +449,11 @@ class _Builder:
         self._add(node, step, value)
 
     def _function_node(self, node: Node, active: list[Node]) -> None:
-        op, t = node.op, node.target
+        op, t = node.op, as_torch(node.target)
         name = _method_name(node) if op == "call_method" else None
+        rule = function_rule(node.target if op == "call_function" else name)
+        if rule is not None and rule(self, node):
+            return
         if op == "call_function" and t is F.linear:
             self._linear(node, None)
             return
@@ -524,7 +538,7 @@ class _Builder:
             return _ARITH_METHODS.get(name)
         if node.op != "call_function":
             return None
-        t = node.target
+        t = as_torch(node.target)
         try:
             if t in _ADD_FUNCS:
                 return "add"

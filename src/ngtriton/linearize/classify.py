@@ -117,3 +117,67 @@ def _method_name(node: Node) -> str:
     if name.endswith("_") and not name.endswith("__"):
         return name[:-1]
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# ATen ops (graphs captured by torch.export): each classified as the torch function it equals
+# (same arguments, same positions), so the tables above serve both kinds of graph
+# --------------------------------------------------------------------------------------------
+
+_aten = torch.ops.aten
+_ATEN_AS_TORCH: dict[Any, Any] = {
+    _aten.linear: F.linear, _aten.layer_norm: F.layer_norm, _aten.gelu: F.gelu,
+    _aten.gelu_: F.gelu, _aten.leaky_relu: F.leaky_relu, _aten.leaky_relu_: F.leaky_relu_,
+    _aten.relu: torch.relu, _aten.relu_: torch.relu_, _aten.tanh: torch.tanh,
+    _aten.tanh_: torch.tanh_, _aten.sigmoid: torch.sigmoid, _aten.sigmoid_: torch.sigmoid_,
+    _aten.silu: F.silu, _aten.silu_: F.silu,
+    _aten.add: torch.add, _aten.add_: operator.iadd, _aten.sub: torch.sub,
+    _aten.sub_: operator.isub, _aten.mul: torch.mul, _aten.mul_: operator.imul,
+    _aten.div: torch.div, _aten.div_: operator.itruediv, _aten.neg: torch.neg,
+    _aten.dropout: torch.dropout, _aten.feature_dropout: torch.feature_dropout,
+    _aten.alpha_dropout: torch.alpha_dropout,
+    _aten.feature_alpha_dropout: torch.feature_alpha_dropout,
+    # reshapes (same elements, same order)
+    _aten.view: torch.reshape, _aten._unsafe_view: torch.reshape, _aten.reshape: torch.reshape,
+    _aten.unsqueeze: torch.unsqueeze, _aten.squeeze: torch.squeeze,
+    _aten.flatten: torch.flatten, _aten.unflatten: torch.unflatten,
+    _aten.contiguous: torch.reshape, _aten.alias: torch.reshape, _aten.clone: torch.reshape,
+    _aten.view_as: torch.reshape, _aten.reshape_as: torch.reshape,
+    # linear in their (float) tensor arguments
+    _aten.permute: torch.permute, _aten.transpose: torch.transpose, _aten.t: torch.t,
+    _aten.movedim: torch.movedim, _aten.select: torch.select, _aten.slice: torch.narrow,
+    _aten.narrow: torch.narrow, _aten.split: torch.split, _aten.split_with_sizes: torch.split,
+    _aten.chunk: torch.chunk, _aten.unbind: torch.unbind, _aten.cat: torch.cat,
+    _aten.stack: torch.stack, _aten.expand: torch.tile, _aten.sum: torch.sum,
+    _aten.mean: torch.mean, _aten.flip: torch.flip, _aten.roll: torch.roll,
+    _aten.repeat: torch.tile, _aten.diagonal: torch.diagonal, _aten.tril: torch.tril,
+    _aten.triu: torch.triu, _aten.index_select: torch.narrow, _aten.gather: torch.narrow,
+    _aten._to_copy: torch.clone, _aten.to: torch.clone,
+    _aten.avg_pool1d: torch.sum, _aten.avg_pool2d: torch.sum, _aten.avg_pool3d: torch.sum,
+    _aten.adaptive_avg_pool1d: torch.sum, _aten.adaptive_avg_pool2d: torch.sum,
+    _aten.adaptive_avg_pool3d: torch.sum,
+}
+
+
+def as_torch(target: Any) -> Any:
+    """The torch function an ATen op is classified as (itself when none, or not ATen)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return _ATEN_AS_TORCH.get(target.overloadpacket, target)
+    return target
+
+
+def functional(target: Any) -> Any:
+    """The out-of-place ATen overload of an in-place one (``add_.Tensor`` → ``add.Tensor``),
+    and ``reshape`` for ``view`` (a captured graph drops a ``contiguous()`` that the capture's
+    strides made a no-op, and the builder's values may be laid out otherwise; nothing is
+    written through views, see :mod:`~ngtriton.linearize.capture`); ``target`` otherwise."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return target
+    if target.overloadpacket in (_aten.view, _aten._unsafe_view) and target._overloadname in (
+            "default",):
+        return _aten.reshape.default
+    name = target.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return target
+    packet = getattr(_aten, name[:-1], None)
+    return getattr(packet, target._overloadname, target) if packet is not None else target

@@ -42,14 +42,17 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from . import ops_torch
 from .base import EngineUnsupported, check_tangents
 from .builder import _Builder
+from .capture import capture
 from .check import _agrees, _eager_forward
-from .classify import _plain
+from .classify import _has_module_rule, _plain
+from .function_rules import module_rule
 from .outputs import OutputSelector, prune_steps, select_output
 from .record import ForwardRecord
 from .rules import LinearStep, OutputEpilogue, Step
@@ -239,24 +242,78 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         raise EngineUnsupported("global module forward hooks are registered (the rules do not "
                                 "run them)")
-    concrete, flat, star, hidden = _signature_inputs(model, inputs)
-    graph = _trace(model, concrete, cache=cache_trace, check=hidden, star=star)
-    if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
-        raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
+    graph: fx.Graph | None = None
+    flat: tuple[Any, ...] = ()
+    reason = ""
+    try:
+        concrete, flat_list, star, hidden = _signature_inputs(model, inputs)
+        flat = tuple(flat_list)
+        graph = _trace(model, concrete, cache=cache_trace, check=hidden, star=star)
+        if getattr(graph, "_ngtriton_wrong", None):  # this cached trace failed its check
+            raise EngineUnsupported(graph._ngtriton_wrong)  # type: ignore[attr-defined]
+    except EngineUnsupported as err:
+        graph, reason = None, err.reason
+    if graph is not None and not _prefers_capture(graph, model):
+        try:
+            return _build(model, graph, flat, inputs, ops, record, output)
+        except EngineUnsupported as err:
+            if not getattr(graph, "_ngtriton_wrong", None):
+                raise
+            graph, reason = None, err.reason  # the trace is another function: capture instead
+    try:
+        captured = capture(model, inputs, output, cache=cache_trace)
+    except EngineUnsupported as err:
+        if graph is None:
+            raise EngineUnsupported(f"{reason}; {err.reason}") from err
+        return _build(model, graph, flat, inputs, ops, record, output)  # opaque modules stay
+    return _build(model, captured.graph, captured.flat, inputs, ops, record, None, output)
+
+
+def _prefers_capture(graph: fx.Graph, model: nn.Module) -> bool:
+    """Whether the fx graph leaves one of torch.nn's own layers with trainable parameters
+    opaque (no rule: ``MultiheadAttention``, ``TransformerEncoderLayer``, recurrent layers), which
+    the ATen capture opens up. A user's layer without submodules stays one node (its per-node
+    fallback is exact, and keeps the fx graph's record of Linear outputs); a module with hooks or
+    a parametrization stays opaque on purpose (it runs as called), so it never asks for the
+    capture. Cached with the graph."""
+    cached = getattr(graph, "_ngtriton_capture", None)
+    if cached is not None:
+        return cached
+    wanted = False
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = model.get_submodule(str(node.target))
+        if _has_module_rule(mod) or module_rule(mod) is not None:
+            continue
+        if not _plain(mod):
+            wanted = False
+            break
+        if type(mod).__module__.startswith("torch.nn.") and any(
+                p.requires_grad for p in mod.parameters()):
+            wanted = True
+    graph._ngtriton_capture = wanted  # type: ignore[attr-defined]
+    return wanted
+
+
+def _build(model: nn.Module, graph: fx.Graph, flat: tuple[Any, ...], inputs: tuple[Any, ...],
+           ops: ModuleType, record: ForwardRecord | None, output: OutputSelector,
+           check_output: OutputSelector = None) -> EngineLinearization:
+    """Build from ``graph``; at a graph's first build, check it against the eager forward
+    (``check_output`` selects from the eager result where the graph selected already)."""
     # The eager check's forward runs first, so that restoring the buffers cannot touch what
     # the build's autograd nodes saved; it draws from, and leaves, the generators as they are.
     check = not getattr(graph, "_ngtriton_checked", True)
     eager = _eager_forward(model, inputs) if check else None
-    lin = EngineLinearization(*_Builder(model, graph, tuple(flat), ops, record,
-                                             output).build())
+    lin = EngineLinearization(*_Builder(model, graph, flat, ops, record, output).build())
     if check:
         try:
-            eager = select_output(eager, output)
+            eager = select_output(eager, output if output is not None else check_output)
         except TypeError as err:
             raise EngineUnsupported(str(err)) from err
         try:
             graph._ngtriton_checked = _agrees(eager, lin.outputs)  # type: ignore[attr-defined]
-        except EngineUnsupported as err:  # the trace itself is wrong: refuse it from now on
+        except EngineUnsupported as err:  # the graph itself is wrong: refuse it from now on
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise
     return lin

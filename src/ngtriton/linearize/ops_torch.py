@@ -98,3 +98,24 @@ def layernorm_vjp(xhat: Tensor, rstd: Tensor, grad_out: Tensor, weight: Tensor |
     if need_bias:
         gb = grad_out.sum(0)
     return gx, gw, gb
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                      causal: bool = False, mask: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``(o, lse)`` of attention ``softmax(scale · q kᵀ + mask) v`` (torch, chunked over the
+    queries); see :mod:`ngtriton.kernels.attention_reference`."""
+    from ..kernels.attention_reference import attention_forward_reference
+
+    return attention_forward_reference(q, k, v, scale=scale, causal=causal, mask=mask)
+
+
+def attention_jvp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dq: Tensor | None,
+                  dk: Tensor | None, dv: Tensor | None, *, scale: float | None = None,
+                  causal: bool = False, mask: Tensor | None = None) -> Tensor:
+    """Tangent of attention along ``(dq, dk, dv)`` from the forward's ``o`` and ``lse``;
+    see :mod:`ngtriton.kernels.attention_reference`."""
+    from ..kernels.attention_reference import attention_jvp_reference
+
+    return attention_jvp_reference(q, k, v, o, lse, dq, dk, dv, scale=scale, causal=causal,
+                                   mask=mask)

@@ -443,6 +443,7 @@ class LinearFnStep(Step):
         self.tangent_fn = tangent_fn
         self.pullback = pullback
         outs, self.is_tuple = _as_tuple(out_value)
+        self.as_list = isinstance(out_value, list)  # aten.split returns a list
         self.out_meta = [(o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outs]
 
     def jvp(self, dots):
@@ -455,7 +456,8 @@ class LinearFnStep(Step):
             if gi is None and meta is not None:
                 gi = torch.zeros(meta[0], dtype=meta[1], device=self._device(gs))
             full.append(gi)
-        cots = self.pullback(tuple(full) if self.is_tuple else full[0])
+        cots = self.pullback((full if self.as_list else tuple(full)) if self.is_tuple
+                             else full[0])
         return list(cots)
 
     @staticmethod

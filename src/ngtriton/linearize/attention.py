@@ -1,0 +1,76 @@
+"""The attention rule: ``o = softmax(scale · q kᵀ + mask) v`` (scaled-dot-product attention).
+
+JVP: ``ops.attention_jvp``, forward mode through the softmax from the saved log-sum-exp of each
+row, never forming the T×S matrix (the flash-attention JVP kernel on the GPU, a chunked torch
+reference elsewhere). VJP: torch's own SDPA backward (its efficient kernels), through the autograd
+graph of one SDPA call made at build time. Dropout is off in every linearization, so
+``dropout_p`` is 0 here too; the mask is a constant (a mask that depends on the parameters, or
+grouped-query shapes, take the per-node fallback).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rules import Step, _positions
+
+__all__ = ["AttentionStep", "attention_supported"]
+
+
+def attention_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether the rule covers these operands: 4-D ``(B, H, T, D)`` with the same batch and
+    heads, one float dtype, and a mask that broadcasts to ``(B, H, T, S)``."""
+    if not (q.dim() == k.dim() == v.dim() == 4) or q.shape[:2] != k.shape[:2]:
+        return False
+    if k.shape != (*v.shape[:3], k.shape[3]) or q.shape[3] != k.shape[3]:
+        return False
+    if not (q.dtype == k.dtype == v.dtype and q.is_floating_point()):
+        return False
+    if mask is None:
+        return True
+    try:
+        torch.broadcast_shapes(mask.shape, (*q.shape[:3], k.shape[2]))
+    except RuntimeError:
+        return False
+    return mask.dim() <= 4
+
+
+class AttentionStep(Step):
+    """SDPA with any of q, k, v active (see the module docstring)."""
+
+    def __init__(self, ops: ModuleType, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                 causal: bool, scale: float | None, slots: tuple[int | None, int | None,
+                                                                  int | None]) -> None:
+        self.ops = ops
+        self.q, self.k, self.v, self.mask, self.causal = q, k, v, mask, causal
+        self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        self.in_slots, self.pos = _positions(slots)
+        self.o, self.lse = ops.attention_forward(q, k, v, scale=self.scale, causal=causal,
+                                                 mask=mask)
+        with torch.enable_grad():
+            self.leaves = [t.detach().requires_grad_(s is not None)
+                           for t, s in zip((q, k, v), slots)]
+            self.graph_out = F.scaled_dot_product_attention(
+                *self.leaves, attn_mask=mask, dropout_p=0.0, is_causal=causal,
+                scale=self.scale)
+        self.active = [leaf for leaf, s in zip(self.leaves, slots) if s is not None]
+
+    @property
+    def value(self) -> Tensor:
+        """torch's own output, strides included: a captured graph may have dropped a
+        ``contiguous()`` that torch's layout made a no-op."""
+        return self.graph_out.detach()
+
+    def jvp(self, dots):
+        dq, dk, dv = (None if p is None else dots[p] for p in self.pos)
+        return self.ops.attention_jvp(self.q, self.k, self.v, self.o, self.lse, dq, dk, dv,
+                                      scale=self.scale, causal=self.causal, mask=self.mask)
+
+    def vjp(self, g):
+        with torch.enable_grad():
+            return list(torch.autograd.grad(self.graph_out, self.active, g, retain_graph=True))
