@@ -50,14 +50,20 @@ class AttentionStep(Step):
         self.q, self.k, self.v, self.mask, self.causal = q, k, v, mask, causal
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         self.in_slots, self.pos = _positions(slots)
-        self.o, self.lse = ops.attention_forward(q, k, v, scale=self.scale, causal=causal,
-                                                 mask=mask)
         with torch.enable_grad():
             self.leaves = [t.detach().requires_grad_(s is not None)
                            for t, s in zip((q, k, v), slots)]
-            self.graph_out = F.scaled_dot_product_attention(
-                *self.leaves, attn_mask=mask, dropout_p=0.0, is_causal=causal,
-                scale=self.scale)
+            found = _cpu_flash(self.leaves, mask, causal, self.scale)
+            if found is not None:  # one forward gives the output, its graph and the lse
+                self.graph_out, lse = found
+                self.o, self.lse = self.graph_out.detach(), lse.detach()
+            else:
+                self.graph_out = F.scaled_dot_product_attention(
+                    *self.leaves, attn_mask=mask, dropout_p=0.0, is_causal=causal,
+                    scale=self.scale)
+        if found is None:
+            self.o, self.lse = ops.attention_forward(q, k, v, scale=self.scale, causal=causal,
+                                                     mask=mask)
         self.active = [leaf for leaf, s in zip(self.leaves, slots) if s is not None]
 
     @property
@@ -74,3 +80,25 @@ class AttentionStep(Step):
     def vjp(self, g):
         with torch.enable_grad():
             return list(torch.autograd.grad(self.graph_out, self.active, g, retain_graph=True))
+
+
+def _cpu_flash(leaves: list[Tensor], mask: Tensor | None, causal: bool,
+               scale: float) -> tuple[Tensor, Tensor] | None:
+    """``(output, lse)`` from torch's flash-attention CPU kernel, differentiable, when it takes
+    these operands (float32/float64 on the CPU, an additive mask); None otherwise."""
+    q = leaves[0]
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        elif mask.dtype != q.dtype:
+            return None
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *leaves, 0.0, causal, attn_mask=mask, scale=scale)
+    except (RuntimeError, NotImplementedError):  # a build without it, a mask it refuses
+        return None
+    if lse.shape != q.shape[:3]:
+        return None
+    return out, lse

@@ -127,10 +127,29 @@ class _Builder:
         return self._val(a), self._slot(a)
 
     def _recorded(self, node: Node | None, x: Tensor) -> Tensor | None:
-        """The recorded output of the module that ``node`` calls, if it is that module at ``x``."""
-        if self.record is None or node is None or node.op != "call_module":
+        """The recorded output of the module ``node`` computes, if it is that module at ``x``:
+        a call_module node's module, or in a captured ATen graph the Linear or activation
+        module whose one op ``node`` is (from the node's ``nn_module_stack``)."""
+        if self.record is None or node is None:
             return None
-        return self.record.lookup(self._module(node), x)
+        mod = self._module(node) if node.op == "call_module" else self._recorded_module(node)
+        return None if mod is None else self.record.lookup(mod, x)
+
+    def _recorded_module(self, node: Node) -> nn.Module | None:
+        stack = node.meta.get("nn_module_stack")
+        if not stack or node.op != "call_function":
+            return None
+        path = next(reversed(stack.values()))[0]
+        if not path.startswith("m."):  # the capture's wrapper holds the model as ``m``
+            return None
+        try:
+            mod = self.root.get_submodule(path[2:])
+        except AttributeError:
+            return None
+        if as_torch(node.target) is F.linear:
+            return mod if _same_forward(mod, nn.Linear) else None
+        act = _module_activation(mod)
+        return mod if act is not None and act == self._activation(node) else None
 
     def _add(self, node: Node, step: Step, value: Any) -> None:
         step.out_slot = self.n_slots
@@ -461,7 +480,9 @@ class _Builder:
         if act is not None:
             x, x_slot = self._src(_arg(node, 0, "input"))
             if x_slot is not None:
-                value, dact = act.forward(x, owned=False)
+                y = self._recorded(node, x)
+                value, dact = (act.forward(x, owned=False) if y is None
+                               else (y, act.derivative(x, y)))
                 self._add(node, ElementwiseStep(x_slot, dact), value)
                 return
         if op == "call_function" and t is F.layer_norm:
@@ -511,7 +532,8 @@ class _Builder:
             linear = True
         if linear:
             fn = self._closure(node, run, active, consts)
-            zeros = {n: (torch.zeros_like(v) if _is_float(v) else v) for n, v in consts.items()}
+            zeros = {n: (torch.zeros_like(v) if _is_float(v) and n not in active else v)
+                     for n, v in consts.items()}  # the active ones are the tangents
             tangent_fn = self._closure(node, run, active, zeros)
             primals = [self.values[n] for n in active]
             if all(isinstance(p, Tensor) for p in primals):

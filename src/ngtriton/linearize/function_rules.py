@@ -113,8 +113,10 @@ def _module_conv(b: _Builder, node: Node, mod: nn.Module, x_arg: Any) -> bool:
     if geometry is None or not isinstance(x, Tensor) or x.dim() != w.dim():
         return False
     stride_, padding_, dilation_ = geometry
-    value = _aten.convolution(x, w, bias, stride_, padding_, dilation_, False,
-                              [0] * len(stride_), mod.groups)
+    value = b._recorded(node, x)
+    if value is None:
+        value = _aten.convolution(x, w, bias, stride_, padding_, dilation_, False,
+                                  [0] * len(stride_), mod.groups)
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True
@@ -187,7 +189,9 @@ def _batch_norm_module(b: _Builder, node: Node, mod: nn.Module) -> bool:
     if not isinstance(x, Tensor) or x.dim() < 2:
         return False
     batch_stats = mod.training or mod.running_mean is None
-    value = mod(x)  # the module itself: its statistics update is undone by buffers_kept
+    value = b._recorded(node, x)
+    if value is None:  # the module itself: its statistics update is undone by buffers_kept
+        value = mod(x)
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True

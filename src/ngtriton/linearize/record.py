@@ -32,11 +32,17 @@ class _Entry:
 
 
 def _recordable(m: nn.Module) -> bool:
-    from .classify import _module_activation, _same_forward  # the engine's own rule tests
+    from .classify import _module_activation, _plain, _same_forward  # the engine's rules
 
     if m._forward_hooks or m._forward_pre_hooks:  # the rules do not run a module's hooks
         return False
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
+        return type(m) in _LAYERS and _plain(m)
     return _same_forward(m, nn.Linear) or _module_activation(m) is not None
+
+
+# layers whose output the engine's rules take from a record (their exact types)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class ForwardRecord:
