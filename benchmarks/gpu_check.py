@@ -11,7 +11,9 @@ timed and kept to its share of the budget (8 minutes in all on an H100):
    (build + first product, autotuning included), on an MLP, a GPT-2-small-sized block stack
    and resnet18 (skipped without torchvision), per backend, against torch.func jvp+vjp (and
    ``torch.compile`` of it on CUDA);
-4. an NGD step against an AdamW step on the MLP.
+4. launch counts (``bench_launches.py``): aten ops, Triton launches, host reads and (CUDA) the
+   profiler's kernels of one Fisher product and one CG iteration, MLP and small GPT;
+5. an NGD step against an AdamW step on the MLP.
 
 Every contender of a group is timed round-robin with its baseline (medians over rounds), so a
 ratio (median / the baseline's median, measured in the same run) is what carries over between
@@ -58,8 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="wall-clock budget of the whole run (default 420 s, 30 s dry)")
     p.add_argument("--skip-tests", action="store_true", help="skip step 1")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds per group")
-    p.add_argument("--steps", default="tests,kernels,models,optim",
-                   help="comma-separated subset of tests,kernels,models,optim")
+    p.add_argument("--steps", default="tests,kernels,models,launches,optim",
+                   help="comma-separated subset of tests,kernels,models,launches,optim")
     return p.parse_args(argv)
 
 
@@ -93,6 +95,7 @@ class Check:
         self.steps: list[dict] = []
         self.tests: dict = {}
         self.failed = False
+        self.launches: list[dict] = []
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
@@ -514,8 +517,15 @@ def run_optim(c: Check, share_s: float) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def run_launches(c: Check, share_s: float) -> None:
+    """Counts, not times (see bench_launches.py); the MLP alone in a dry run."""
+    import bench_launches
+
+    c.launches = bench_launches.collect(dry=c.dry, mlp_only=c.dry)
+
+
 STEPS = {"tests": (run_tests, 0.45), "kernels": (run_kernels, 0.3), "models": (run_models, 0.8),
-         "optim": (run_optim, 1.0)}
+         "launches": (run_launches, 0.3), "optim": (run_optim, 1.0)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -541,7 +551,8 @@ def main(args: argparse.Namespace) -> int:
 
     info["fp32_dot_precision"] = get_matmul_precision()
     report = dict(machine=info, device_tag=device_tag() if c.cuda else "cpu",
-                  benchmarks=dict(benchmarks=c.benchmarks), tests=c.tests, steps=c.steps)
+                  benchmarks=dict(benchmarks=c.benchmarks), tests=c.tests, steps=c.steps,
+                  launches=c.launches)
     out = args.out
     tmp = None
     if out is None:
@@ -559,6 +570,10 @@ def main(args: argparse.Namespace) -> int:
         f"{s['seconds']} |\n" for s in c.steps)
     if c.tests:
         md += f"\ntests: `{c.tests['command']}`: {c.tests['summary']}\n"
+    if c.launches:
+        from bench_launches import table
+
+        md += "\n## launch counts\n\n" + table(c.launches)
     (out / f"{stem}.md").write_text(md)
     print(f"wrote {out / stem}.json and .md ({time.perf_counter() - c.start:.0f} s)")
     return 1 if c.failed else 0

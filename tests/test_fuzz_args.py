@@ -228,6 +228,7 @@ NGD_BAD: dict[str, st.SearchStrategy] = {
     "damping_decrease": bad_positive(extra=st.floats(min_value=1.0, allow_infinity=False)),
     "tol": bad_positive(),
     "maxiter": bad_count(none_ok=True),
+    "check_every": bad_count(none_ok=True),
     "warm_start": NOT_FLAGS,
     "warm_start_decay": bad_nonnegative(upper=1.0),
     "curvature_fraction": bad_positive(upper=1.0),
@@ -282,8 +283,9 @@ def test_ngd_bad_arguments_are_named_slow(name, data):
 # The examples, for every argument (unless the value is a good one there).
 CLASSIC = {"'False'": "False", "True": True, "nan": NAN, "inf": INF, "-inf": -INF, "-1": -1,
            "10**400": HUGE, "None": None}
-CLASSIC_GOOD = {("seed", "-1"), ("maxiter", "None"), ("momentum", "None"),
-                ("preconditioner", "None"), ("likelihood", "None"), ("loss", "None")} | {
+CLASSIC_GOOD = {("seed", "-1"), ("maxiter", "None"), ("check_every", "None"),
+                ("momentum", "None"), ("preconditioner", "None"), ("likelihood", "None"),
+                ("loss", "None")} | {
     ("output", v) for v in ("'False'", "-1", "10**400", "None")} | {  # a key or an index
     (flag, "True") for flag in ("adaptive_damping", "reject_steps", "warm_start", "keep_history")}
 
@@ -362,6 +364,7 @@ def ngd_config(draw: Callable) -> dict[str, Any]:
     kw["damping_decrease"] = draw(st.floats(1e-3, 1.0, exclude_max=True))
     kw["tol"] = draw(st.floats(1e-10, 1.0))
     kw["maxiter"] = draw(st.one_of(st.none(), st.integers(1, 60)))
+    kw["check_every"] = draw(st.one_of(st.none(), st.integers(1, 8), st.just(2**63 - 1)))
     kw["preconditioner"] = draw(st.sampled_from([None, "adam"]))
     methods = ["auto", "pcg"] if kw["preconditioner"] else list(NGD_METHODS)
     kw["method"] = draw(st.sampled_from(methods))
@@ -871,6 +874,7 @@ NATGRAD_BAD: dict[str, st.SearchStrategy] = {
     "method": SOLVE_BAD["method"],
     "tol": SOLVE_BAD["tol"],
     "maxiter": SOLVE_BAD["maxiter"],
+    "check_every": SOLVE_BAD["check_every"],
     "backend": FISHER_BAD["backend"],
     "return_result": None,  # test_natural_gradient_return_result_must_be_a_bool (xfail)
     "on_unconverged": SOLVE_BAD["on_unconverged"],

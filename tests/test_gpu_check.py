@@ -26,7 +26,8 @@ def test_gpu_check_dry_run(tmp_path):
     (js,) = tmp_path.glob("cpu-*.json")
     assert js.with_suffix(".md").exists()
     report = json.loads(js.read_text())
-    assert [s["name"] for s in report["steps"]] == ["tests", "kernels", "models", "optim"]
+    assert [s["name"] for s in report["steps"]] == ["tests", "kernels", "models", "launches",
+                                                    "optim"]
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
     assert report["tests"]["returncode"] == 0
     benches = report["benchmarks"]["benchmarks"]
@@ -44,3 +45,8 @@ def test_gpu_check_dry_run(tmp_path):
     # the interpreter's Triton backend ran the MLP product, and the product is a ratio
     mlp = [b for b in benches if b["group"].startswith("mlp-") and b["name"] == "product_triton"]
     assert mlp and mlp[0]["extra_info"]["ratio_to_baseline"] > 0
+    # the launch counts of the MLP's product, Triton's launches among them
+    rows = {(r["backend"], r["what"]): r for r in report["launches"]}
+    assert rows[("triton", "product")]["triton_launches"] > 0
+    assert rows[("torch", "product")]["aten_compute"] > 0
+    assert "## launch counts" in js.with_suffix(".md").read_text()

@@ -15,6 +15,15 @@ DEFAULT_DAMPING_FLOOR = 1e-4
 DEFAULT_DAMPING_CEILING = 1e4
 DEFAULT_TOL = 1e-3
 DEFAULT_MAXITER = 20
+# check_every=None: the Krylov loops read their stopping test on the host every iteration on
+# the CPU (free there, and CG's and PCG's host loops spare the ~55 and ~105 0-d tensor ops per
+# iteration of the device-side loops, see benchmarks/bench_launches.py) and every
+# CUDA_CHECK_EVERY iterations on a GPU, where each read is a synchronisation that drains the
+# launch queue (a GPU runs the device-side loops whatever check_every is). 4 cuts a
+# 20-iteration solve (DEFAULT_MAXITER, a multiple of 4) from 20 reads to 5 while an early stop
+# (tol met, φ stalled, breakdown) wastes at most 3 frozen products, 1.5 on average; a solve
+# that runs to maxiter wastes none.
+CUDA_CHECK_EVERY = 4
 # Methods NGD can run: its right-hand side is the closure's gradient, so there is no factor b
 # with Aᵀb = g and the dual Krylov solve (which needs one) is out; "dual" is the exact one;
 # "pcg" is the preconditioned, truncated CG of ngtriton.solvers.pcg.
@@ -117,3 +126,11 @@ def momentum_arg(value: Any) -> str | float:
 # better. ``NGD(model, **LARGE_MODEL_SETTINGS)``.
 LARGE_MODEL_SETTINGS: dict[str, object] = {
     "preconditioner": "adam", "momentum": "auto", "maxiter": 3, "curvature_fraction": 0.125}
+
+
+def resolve_check_every(check_every: int | None, device: Any) -> int:
+    """NGD's ``check_every``: as given, or for None 1 off CUDA and :data:`CUDA_CHECK_EVERY` on
+    it."""
+    if check_every is not None:
+        return check_every
+    return CUDA_CHECK_EVERY if getattr(device, "type", device) == "cuda" else 1

@@ -17,7 +17,7 @@ from ..solvers._vecops import acc_dtype, all_finite, norm
 from ..solvers.pcg import pcg
 from . import distributed
 from .closure import FirstCall, loss_value
-from .config import group_value
+from .config import group_value, resolve_check_every
 from .guard import GuardedOperator
 from .inputs import BoundKwargs, as_positional
 from .loss import ClosureLoss
@@ -216,19 +216,25 @@ class _StepRun:
         method = opt._resolve_method(op, x0)
         if self.comm is not None:
             method = distributed.resolve_method(method, op, opt)
-        op.watch.last_only = method in ("cg", "pcg") and op.device.type == "cpu"  # host loops
+        # (an NGD unpickled from before check_every has none: None)
+        check_every = resolve_check_every(getattr(opt, "check_every", None), op.device)
+        # CG's and PCG's host loops stop at the first non-finite product; the device-side
+        # loops (check_every > 1) go on with frozen iterates, so every product is watched.
+        op.watch.last_only = (method in ("cg", "pcg") and op.device.type == "cpu"
+                              and check_every == 1)
         An = None
         try:
             with torch.no_grad():
                 if method == "pcg":
                     result = pcg(op.damped_matvec, g, precond=d, x0=x0, tol=opt.tol,
                                  maxiter=opt.maxiter or 2 * op.num_params + 10,
-                                 progress_tol=opt.progress_tol)
+                                 progress_tol=opt.progress_tol, check_every=check_every)
                     An = result.Ax
                 else:
                     # NGD's solves are truncated on purpose: converged is in its stats.
                     result = solve(op, g, method=method, tol=opt.tol, maxiter=opt.maxiter,
-                                   x0=x0, workspace=ws, on_unconverged="ignore")
+                                   x0=x0, check_every=check_every, workspace=ws,
+                                   on_unconverged="ignore")
         except torch.linalg.LinAlgError:  # e.g. eigh of a kernel matrix holding NaN
             if not op.any_bad():
                 raise

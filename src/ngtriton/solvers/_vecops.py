@@ -41,6 +41,15 @@ def norm(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a.to(acc_dtype(a.dtype)))
 
 
+def host_reads_free(t: Tensor) -> bool:
+    """Whether reading a scalar of ``t``'s device on the host costs nothing (the CPU, where a
+    read waits for no queue). The solvers' host-side shortcuts hang on it: CG's and PCG's host
+    loops under ``check_every=1``, and the branches below that replace a masking pass. Tests
+    replace it (``monkeypatch.setattr``) by one returning False to run the device-side loops on
+    the CPU exactly as on CUDA, and to count their host reads."""
+    return t.device.type == "cpu"
+
+
 def _fused(x: Tensor) -> Any:
     """``ngtriton.kernels.krylov`` for CUDA vectors when Triton is there, else None.
 
@@ -75,11 +84,20 @@ def update_direction(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
     fused = _fused(p)
     if fused is not None:
         return fused.update_direction(p, r, beta)
-    if p.device.type == "cpu":  # one pass (reading β is free here) instead of mul_ then add_
+    if host_reads_free(p):  # one pass (reading β is free here) instead of mul_ then add_
         b = float(beta)
         if abs(b) <= torch.finfo(p.dtype).max:  # else torch refuses the Python float (float16)
             return torch.add(r, p, alpha=b, out=p)
     return p.mul_(beta.to(p.dtype)).add_(r)
+
+
+def scale_add(p: Tensor, z: Tensor, beta: Tensor) -> Tensor:
+    """``p = z + β p`` in place, as PCG's host loop does off CUDA (``mul_`` then ``add_``, no
+    host read: the same rounding in both of its loops); one fused pass on CUDA. Returns ``p``."""
+    fused = _fused(p)
+    if fused is not None:
+        return fused.update_direction(p, z, beta)
+    return p.mul_(beta.to(p.dtype)).add_(z)
 
 
 def axpy(y: Tensor, x: Tensor, a: Tensor) -> Tensor:
@@ -90,7 +108,7 @@ def axpy(y: Tensor, x: Tensor, a: Tensor) -> Tensor:
 def _zero_unless(t: Tensor, keep: Tensor) -> Tensor:
     """``t ← 0`` (NaN/Inf included) unless the 0-d bool ``keep``, in place. On the CPU a host
     branch (no pass at all in the usual case), elsewhere a masked fill (no synchronisation)."""
-    if t.device.type == "cpu":
+    if host_reads_free(t):
         if not bool(keep):
             t.zero_()
         return t

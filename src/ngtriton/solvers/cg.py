@@ -34,9 +34,10 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     not PSD, or the Krylov space is exhausted; in float16/bfloat16 also a step α or β, or an
     iterate, beyond the dtype's range); the iterate is then frozen, never NaN or Inf.
 
-    Scalars stay on the device; the host reads them every ``check_every`` iterations. On CUDA a
-    value > 1 avoids one synchronisation per iteration at the price of up to ``check_every − 1``
-    wasted (frozen) iterations after the stop.
+    Scalars stay on the device; the host reads them every ``check_every`` iterations (an int
+    ≥ 1). On CUDA a value > 1 avoids one synchronisation per iteration at the price of up to
+    ``check_every − 1`` wasted (frozen) iterations after the stop; the result is the same as
+    with ``check_every=1`` (to round-off: on the CPU ``check_every=1`` runs a host loop).
 
     ``workspace``: a :class:`~ngtriton.solvers.workspace.Workspace` that holds ``x``, ``r`` and
     ``p`` between calls (no fresh allocations on the CPU); ``result.x`` is then its ``"cg.x"``
@@ -73,7 +74,7 @@ def cg(matvec: Matvec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-6
     tiny = torch.finfo(rr.dtype).tiny
     narrow = b.dtype in (torch.float16, torch.bfloat16)
     fmax = torch.finfo(b.dtype).max
-    if not b.is_cuda and check_every == 1:
+    if check_every == 1 and vo.host_reads_free(b):
         rr_host = float(rr)
         if math.sqrt(rr_host) / bnorm <= threshold:
             return trivial_result(x, "cg", "converged", math.sqrt(rr_host) / bnorm)

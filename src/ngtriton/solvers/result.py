@@ -92,11 +92,16 @@ def check_options(tol: float, atol: float, maxiter: int | None, check_every: int
             raise TypeError(f"maxiter: expected an int or None, got {type(maxiter).__name__}")
         if maxiter < 0:
             raise ValueError(f"maxiter: expected an int ≥ 0, got {maxiter}")
+    return out[0], out[1], maxiter, check_check_every(check_every)
+
+
+def check_check_every(check_every: Any) -> int:
+    """Validate ``check_every`` (an int ≥ 1); the error names it."""
     if isinstance(check_every, bool) or not isinstance(check_every, int):
         raise TypeError(f"check_every: expected an int, got {type(check_every).__name__}")
     if check_every < 1:
         raise ValueError(f"check_every: expected an int ≥ 1, got {check_every}")
-    return out[0], out[1], maxiter, check_every
+    return check_every
 
 
 def check_vector(v: Any, name: str, length: int | None = None) -> Tensor:
@@ -131,13 +136,15 @@ class Monitor:
     in 0-d tensors so the loop never synchronises with the host between checks.
     """
 
-    def __init__(self, res0: Tensor, threshold: float, check_every: int) -> None:
+    def __init__(self, res0: Tensor, threshold: float, check_every: int, *,
+                 eps_floor: bool = True) -> None:
         dev = res0.device
         self.running = torch.ones((), dtype=torch.bool, device=dev)
         self.code = torch.zeros((), dtype=torch.int64, device=dev)
         self.iters = torch.zeros((), dtype=torch.int64, device=dev)
         self.res = res0
-        self.threshold = max(threshold, torch.finfo(res0.dtype).eps)
+        # eps_floor=False: the test is ``res ≤ threshold`` as given (PCG's, even for tol = 0)
+        self.threshold = max(threshold, torch.finfo(res0.dtype).eps) if eps_floor else threshold
         self.check_every = check_every
         self.pending: list[Tensor] = []
         self.history: list[float] = []
