@@ -54,17 +54,22 @@ def _scores(q: Tensor, k: Tensor, rows: slice, T: int, scale: float, causal: boo
     """``scale · q[rows] kᵀ + mask[rows]`` (masked entries -inf) in the compute dtype."""
     ct = _compute_dtype(q.dtype)
     qc = q[:, :, rows].to(ct)
-    s = torch.matmul(qc, k.to(ct).transpose(-1, -2)) * scale
+    s = torch.matmul(qc, k.to(ct).transpose(-1, -2)).mul_(scale)
     S = k.shape[2]
     if mask is not None:
         m = mask
         if m.dim() >= 2 and m.shape[-2] == T and T != 1:
             m = m[..., rows, :]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(ct)
+        if torch.broadcast_shapes(m.shape, s.shape) != s.shape:  # a mask wider than s
+            s = s.expand(torch.broadcast_shapes(m.shape, s.shape)).clone()
+        if m.dtype == torch.bool:
+            s.masked_fill_(~m, float("-inf"))
+        else:
+            s.add_(m.to(ct))
     if causal:
         i = torch.arange(rows.start, rows.stop, device=s.device)[:, None]
         j = torch.arange(S, device=s.device)[None, :]
-        s = s.masked_fill(j > i, float("-inf"))
+        s.masked_fill_(j > i, float("-inf"))
     return s
 
 
@@ -153,27 +158,32 @@ def attention_jvp_reference(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
     out = torch.zeros((B, H, T, v.shape[-1]), dtype=q.dtype, device=q.device)
     if T == 0 or S == 0 or (dq is None and dk is None and dv is None):
         return out
-    kc = k.to(ct)
-    vc = v.to(ct)
-    dkc = dk.to(ct) if dk is not None else None
-    dvc = dv.to(ct) if dv is not None else None
     step = _chunk_rows(q, S)
     for r0 in range(0, T, step):
         rows = slice(r0, min(T, r0 + step))
-        s = _scores(q, k, rows, T, scale, causal, mask)
-        p = torch.exp(s - _safe(lse[:, :, rows].to(ct))[..., None])
-        acc = torch.zeros((B, H, rows.stop - r0, v.shape[-1]), dtype=ct, device=q.device)
+        # under ``causal`` the keys after the chunk's last query are masked for all its rows
+        keys = min(S, rows.stop) if causal else S
+        kc, vc = k[:, :, :keys].to(ct), v[:, :, :keys].to(ct)
+        m = None if mask is None else (mask[..., :keys] if mask.shape[-1] == S and S > 1
+                                       else mask)
+        s = _scores(q, kc, rows, T, scale, causal, m)
+        p = s.sub_(_safe(lse[:, :, rows].to(ct))[..., None]).exp_()  # in place: s is ours
+        acc = None
         if dq is not None or dk is not None:
-            ds = None
-            if dq is not None:
-                ds = torch.matmul(dq[:, :, rows].to(ct), kc.transpose(-1, -2))
-            if dkc is not None:
-                t = torch.matmul(q[:, :, rows].to(ct), dkc.transpose(-1, -2))
-                ds = t if ds is None else ds + t
-            pds = p * (ds * scale)
-            acc = acc + torch.matmul(pds, vc)
-            acc = acc - pds.sum(-1, keepdim=True) * o[:, :, rows].to(ct)
-        if dvc is not None:
-            acc = acc + torch.matmul(p, dvc)
+            # ds = dq kᵀ + q dkᵀ as one product over the stacked features
+            left = [t[:, :, rows].to(ct) for t in (dq, q if dk is not None else None)
+                    if t is not None]
+            right = [t for t in (kc if dq is not None else None,
+                                 dk[:, :, :keys].to(ct) if dk is not None else None)
+                     if t is not None]
+            ds = torch.matmul(torch.cat(left, -1) if len(left) > 1 else left[0],
+                              (torch.cat(right, -1) if len(right) > 1 else right[0])
+                              .transpose(-1, -2))
+            pds = ds.mul_(p).mul_(scale)
+            acc = torch.matmul(pds, vc)
+            acc.sub_(pds.sum(-1, keepdim=True) * o[:, :, rows].to(ct))
+        if dv is not None:
+            term = torch.matmul(p, dv[:, :, :keys].to(ct))
+            acc = term if acc is None else acc.add_(term)
         out[:, :, rows] = acc.to(q.dtype)
     return out
