@@ -376,18 +376,22 @@ def _models(c: Check, mlp_only: bool = False
     yt = torch.randint(0, vocab, (bsz * seq,), generator=g).to(dev)
     out.append((f"gpt-{nl}x{d}-T{seq}-b{bsz}", gpt, idx, yt, dtype))
 
+    classes = 10 if c.dry else 1000
     try:
         import torchvision
-    except ImportError:
-        print("  resnet18 skipped: torchvision is not installed", flush=True)
-    else:
-        res = torchvision.models.resnet18(num_classes=10 if c.dry else 1000)
-        res = res.to(dev, memory_format=torch.channels_last if c.cuda else torch.contiguous_format)
-        res = res.to(dtype).eval()  # batch norm with its running statistics: a fixed function
-        side, bs = (32, 2) if c.dry else (224, 64)
-        img = torch.randn(bs, 3, side, side, generator=g).to(dev, dtype)
-        yi = torch.randint(0, 10 if c.dry else 1000, (bs,), generator=g).to(dev)
-        out.append((f"resnet18-{side}px-b{bs}", res, img, yi, dtype))
+
+        res = torchvision.models.resnet18(num_classes=classes)
+    except Exception:  # not installed, or a wheel built for another torch (operator missing)
+        from zoo import ResNet18  # the same layers, written here
+
+        print("  resnet18: torchvision unavailable, benchmarks/zoo.py's ResNet18", flush=True)
+        res = ResNet18(classes=classes)
+    res = res.to(dev, memory_format=torch.channels_last if c.cuda else torch.contiguous_format)
+    res = res.to(dtype).eval()  # batch norm with its running statistics: a fixed function
+    side, bs = (32, 2) if c.dry else (224, 64)
+    img = torch.randn(bs, 3, side, side, generator=g).to(dev, dtype)
+    yi = torch.randint(0, 10 if c.dry else 1000, (bs,), generator=g).to(dev)
+    out.append((f"resnet18-{side}px-b{bs}", res, img, yi, dtype))
     return out
 
 
