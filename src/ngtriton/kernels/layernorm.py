@@ -1,6 +1,6 @@
 """Row-wise JVP / VJP of LayerNorm over the last dimension, from the cached ``xhat`` and ``rstd``.
 
-Reference: :func:`ngtriton.linearize.ops_torch.layernorm_jvp` / ``layernorm_vjp`` (same signatures).
+Reference: :func:`ngtriton.kernels.reference.layernorm_jvp` / ``layernorm_vjp`` (same signatures).
 Each program holds ``BLOCK_R`` whole rows (``BLOCK_D ≥ D``) in registers and does the row
 statistics in fp32. The parameter cotangents of the VJP (``Σ_rows ḡ ⊙ x̂`` and ``Σ_rows ḡ``) are
 accumulated per program over a fixed run of rows, written as fp32 partials and summed by a second

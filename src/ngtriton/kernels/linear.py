@@ -1,6 +1,6 @@
 """Fused JVP / VJP of ``σ(x Wᵀ + b)`` (Linear followed by an elementwise activation).
 
-Reference: :func:`ngtriton.linearize.ops_torch.linear_jvp` / ``linear_vjp`` (same signatures).
+Reference: :func:`ngtriton.kernels.reference.linear_jvp` / ``linear_vjp`` (same signatures).
 
 - ``linear_jvp``: ONE kernel; ``ẋ Wᵀ`` and ``x Ẇᵀ`` accumulate into the same fp32 tile as one
   pipelined reduction of length 2K (one operand pair per step), and ``+ ḃ`` / ``⊙ σ′`` are

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linearize import ops_torch as _ref
+from . import reference as _ref
 from ._config import can_launch, offsets_fit
 
 __all__ = ["attention_forward", "attention_jvp", "layernorm_jvp", "layernorm_vjp", "linear_jvp",
