@@ -1,8 +1,10 @@
 """One Fisher product on real architectures, against a training step, in one run per model.
 
-Models (``benchmarks/zoo.py``): torchvision's ResNet-18 layout (32×32 images, batch 32, train
-mode: batch statistics) and a nanoGPT-style LM (4 layers, d 128, 4 heads, 16×64 tokens). Per
-model, one group:
+Models, all in train mode (dropout in the model, off in every linearization): torchvision's
+ResNet-18 layout (``benchmarks/zoo.py``; 32×32 images, batch 32, batch statistics), a
+nanoGPT-style LM (4 layers, d 128, 4 heads, 16×64 tokens), Hugging Face GPT-2 and ViT at the
+same width (random weights, small configs) and torch.nn's ``TransformerEncoder``. Per model, one
+group:
 
 (a) a training step: forward + cross-entropy + backward (the baseline);
 (b) one engine product ``vjp(jvp(v))`` on a built linearization (goal ≤ 1.5× (a));
@@ -40,15 +42,59 @@ BACKEND = "triton" if DEVICE.type == "cuda" else "torch"
 _MEDIANS: dict[tuple[str, str], float] = {}
 
 
+class _Logits(nn.Module):
+    """A Hugging Face model's logits (the model's own ``ModelOutput`` otherwise)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def _hugging_face(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    if name.startswith("hf-gpt2"):
+        cfg = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=65,
+                                      n_positions=64, bos_token_id=0, eos_token_id=0)
+        return _Logits(transformers.GPT2LMHeadModel(cfg))
+    cfg = transformers.ViTConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
+                                 intermediate_size=512, image_size=32, patch_size=4,
+                                 num_labels=10)
+    return _Logits(transformers.ViTForImageClassification(cfg))
+
+
+class _Encoder(nn.Module):
+    """torch.nn's own transformer: ``nn.TransformerEncoder`` (pre-norm) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.1, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
 def _problem(name: str):
     torch.manual_seed(0)
-    if name == "resnet18-32px-b32":
-        model = ResNet18().train()
-        x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    tokens = torch.randint(0, 65, (16, 64)), torch.randint(0, 65, (16, 64))
+    images = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    if name.startswith("resnet18"):
+        model, (x, y) = ResNet18(), images
+    elif name.startswith("nanogpt"):
+        model, (x, y) = NanoGPT(), tokens
+    elif name.startswith("hf-gpt2"):
+        model, (x, y) = _hugging_face(name), tokens
+    elif name.startswith("hf-vit"):
+        model, (x, y) = _hugging_face(name), images
     else:
-        model = NanoGPT().train()
-        x, y = torch.randint(0, 65, (16, 64)), torch.randint(0, 65, (16, 64))
-    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+        model, x, y = _Encoder(), torch.randn(16, 64, 128), torch.randint(0, 10, (16, 64))
+    model, x, y = model.train().to(DEVICE), x.to(DEVICE), y.to(DEVICE)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -58,7 +104,8 @@ def _problem(name: str):
     return model, x, step
 
 
-MODELS = ["resnet18-32px-b32", "nanogpt-4x128-16x64"]
+MODELS = ["resnet18-32px-b32", "nanogpt-4x128-16x64", "hf-gpt2-4x128-16x64",
+          "hf-vit-4x128-32px-b32", "torch-encoder-4x128-16x64"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
