@@ -75,6 +75,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from run import device_tag, machine, render, results_stem  # noqa: E402
 from torch import nn  # noqa: E402
+from zoo import GPT  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Timing
@@ -233,7 +234,7 @@ def run_kernels(c: Check, share_s: float) -> None:
         raise RuntimeError("triton cannot run here (no CUDA, TRITON_INTERPRET unset)")
     dtypes = [torch.float32] if c.dry else [torch.bfloat16, torch.float32]
     for dtype in dtypes:
-        _kernel_groups(c, dtype, share_s / (6 * len(dtypes)))
+        _kernel_groups(c, dtype, share_s / (7 * len(dtypes)))
 
 
 def _kernel_groups(c: Check, dtype: torch.dtype, share: float) -> None:
@@ -279,6 +280,7 @@ def _kernel_groups(c: Check, dtype: torch.dtype, share: float) -> None:
         "torch_vjp": lambda: R.layernorm_vjp(xh, rstd, gol, lw, True, True, True),
         "triton_vjp": lambda: layernorm.layernorm_vjp(xh, rstd, gol, lw, True, True, True),
     }, "torch_jvp", share)
+    _attention_group(c, rnd, dn, share)
     rows, C = (M, 10) if c.dry else (2048, 50304)
     p = torch.softmax(rnd(rows, C, dtype=torch.float32), -1).to(dtype)
     v = rnd(rows, C)
@@ -297,6 +299,37 @@ def _kernel_groups(c: Check, dtype: torch.dtype, share: float) -> None:
     }, "torch_reference", share, dict(bytes=5 * 4 * n))
 
 
+def _attention_group(c: Check, rnd: Callable[..., torch.Tensor], dn: str, share: float) -> None:
+    """Causal attention at GPT-2-small's head shape: torch's fused SDPA forward and backward
+    against the flash-attention kernels (forward, JVP, and the VJP where it exists)."""
+    from ngtriton.kernels import attention, attention_reference
+
+    B, H, T, D = (1, 2, 32, 16) if c.dry else (8, 12, 1024, 64)
+    q, k, v, dq, dk, dv, go = (rnd(B, H, T, D) for _ in range(7))
+    o, lse = attention.attention_forward(q, k, v, causal=True)
+    want = attention_reference.attention_jvp_reference(q, k, v, o, lse, dq, dk, dv, causal=True)
+    _agree(attention.attention_jvp(q, k, v, o, lse, dq, dk, dv, causal=True), want)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+    contenders = {
+        "torch_sdpa_forward": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True),
+        "torch_sdpa_backward": lambda: torch.autograd.grad(out, leaves, go, retain_graph=True),
+        "triton_forward": lambda: attention.attention_forward(q, k, v, causal=True),
+        "triton_jvp": lambda: attention.attention_jvp(q, k, v, o, lse, dq, dk, dv, causal=True),
+    }
+    try:
+        from ngtriton.kernels import attention_backward
+    except ImportError:
+        pass
+    else:
+        contenders["triton_vjp"] = lambda: attention_backward.attention_vjp(
+            q, k, v, o, lse, go, causal=True)
+    flops = 4 * B * H * T * T * D // 2  # the forward's two products over the causal half
+    c.group(f"attention-causal-{B}x{H}x{T}x{D}-{dn}", contenders, "torch_sdpa_forward", share,
+             dict(flops=flops))
+
+
 def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
     err = (a.float() - b.float()).abs().max().item()
     scale = b.float().abs().max().item() + 1e-6
@@ -307,42 +340,6 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # 3. Products on models
 # ----------------------------------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    """A pre-LayerNorm GPT-2 block: attention (scaled_dot_product_attention, causal) + MLP."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
-        q, k, v = (t.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
-                   for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    """Token embedding, ``layers`` blocks, final LayerNorm and a linear head."""
-
-    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.emb(idx) + self.pos[: idx.shape[1]]
-        return self.head(self.ln(self.blocks(h))).flatten(0, 1)
 
 
 def _models(c: Check, mlp_only: bool = False
@@ -371,7 +368,7 @@ def _models(c: Check, mlp_only: bool = False
         vocab, d, heads, nl, seq, bsz = 32, 16, 2, 2, 8, 2
     else:
         vocab, d, heads, nl, seq, bsz = 50304, 768, 12, 12, 256, 8
-    gpt = GPT(vocab, d, heads, nl, seq).to(dev, dtype)
+    gpt = GPT(vocab, d, heads, nl, seq).to(dev, dtype)  # benchmarks/zoo.py
     idx = torch.randint(0, vocab, (bsz, seq), generator=g).to(dev)
     yt = torch.randint(0, vocab, (bsz * seq,), generator=g).to(dev)
     out.append((f"gpt-{nl}x{d}-T{seq}-b{bsz}", gpt, idx, yt, dtype))

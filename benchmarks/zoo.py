@@ -78,3 +78,39 @@ class NanoGPT(nn.Module):
             x = x + blk["c_proj"](y.transpose(1, 2).contiguous().view(b, t, -1))
             x = x + blk["mlp_proj"](F.gelu(blk["c_fc"](blk["ln_2"](x))))
         return self.lm_head(self.ln_f(x))
+
+
+class GPTBlock(nn.Module):
+    """A pre-LayerNorm GPT-2 block: attention (scaled_dot_product_attention, causal) + MLP."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
+        q, k, v = (t.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
+                   for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Token embedding, ``layers`` blocks, final LayerNorm and a linear head."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.blocks = nn.Sequential(*[GPTBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx) + self.pos[: idx.shape[1]]
+        return self.head(self.ln(self.blocks(h))).flatten(0, 1)
