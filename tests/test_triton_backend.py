@@ -114,3 +114,41 @@ def test_triton_batched_factor_products_run_vmapped_through_torch(likelihood, mo
     direct = solve(op, op.fisher_matvec(V[:, 1]), method="dual-direct")
     close(direct.x, solve(ref, ref.fisher_matvec(V[:, 1]), method="dual-direct").x,
           torch.float32)
+
+
+class _TinyAttention(nn.Module):
+    """Embedding, causal SDPA over projections, LayerNorm and a head: every attention kernel."""
+
+    def __init__(self, vocab=11, d=16, heads=2):
+        super().__init__()
+        self.emb, self.qkv, self.ln = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.LayerNorm(d)
+        self.head, self.heads = nn.Linear(d, vocab), heads
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        b, t, d = x.shape
+        q, k, v = (h.view(b, t, self.heads, -1).transpose(1, 2)
+                   for h in self.qkv(x).split(d, dim=-1))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(self.ln(x + y.transpose(1, 2).reshape(b, t, d))).flatten(0, 1)
+
+
+def test_attention_runs_its_forward_jvp_and_vjp_kernels(monkeypatch):
+    from ngtriton.kernels import attention as k_attention
+    from ngtriton.kernels import attention_backward as k_attention_backward
+
+    torch.manual_seed(1)
+    model = _TinyAttention().to(DEVICE)
+    idx = torch.randint(0, 11, (3, 9), device=DEVICE)
+    y = torch.randint(0, 11, (27,), device=DEVICE)
+    calls: dict[str, int] = {}
+    for mod, name in [(k_attention, "attention_forward"), (k_attention, "attention_jvp"),
+                      (k_attention_backward, "attention_vjp")]:
+        counting(monkeypatch, mod, name, calls)
+    ref = FisherOperator(model, idx, targets=y, backend="torch")
+    assert not calls
+    op = FisherOperator(model, idx, targets=y, backend="triton")
+    v = torch.randn(op.num_params, device=DEVICE) / 4
+    close(op @ v, ref @ v, torch.float32)
+    close(op.gradient(), ref.gradient(), torch.float32)
+    assert set(calls) == {"attention_forward", "attention_jvp", "attention_vjp"}, calls

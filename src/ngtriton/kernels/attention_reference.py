@@ -187,3 +187,48 @@ def attention_jvp_reference(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
             acc = term if acc is None else acc.add_(term)
         out[:, :, rows] = acc.to(q.dtype)
     return out
+
+
+def attention_vjp_reference(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor,
+                            *, scale: float | None = None, causal: bool = False,
+                            mask: Tensor | None = None,
+                            need: tuple[bool, bool, bool] = (True, True, True)
+                            ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Cotangents ``(dq, dk, dv)`` (q's dtype; ``None`` where ``need`` says no) of attention for
+    the output cotangent ``g``, from the forward's ``o`` and ``lse`` (``p = exp(s − lse)``)::
+
+        Δ = rowsum(g ⊙ o), dv = pᵀ g, ds = p ⊙ (g vᵀ − Δ), dq = scale · ds k, dk = scale · dsᵀ q.
+
+    Fully masked rows (``lse = -inf``) contribute nothing (their dq is 0)."""
+    _check(q, k, v)
+    scale = default_scale(q, scale)
+    need_q, need_k, need_v = (bool(x) for x in need)
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    dq = torch.zeros((B, H, T, D), dtype=q.dtype, device=q.device) if need_q else None
+    dk = torch.zeros((B, H, S, D), dtype=ct, device=q.device) if need_k else None
+    dv = torch.zeros((B, H, S, D), dtype=ct, device=q.device) if need_v else None
+    if T > 0 and S > 0 and (need_q or need_k or need_v):
+        step = _chunk_rows(q, S)
+        for r0 in range(0, T, step):
+            rows = slice(r0, min(T, r0 + step))
+            # under ``causal`` the keys after the chunk's last query are masked for all its rows
+            keys = min(S, rows.stop) if causal else S
+            kc, vc = k[:, :, :keys].to(ct), v[:, :, :keys].to(ct)
+            m = None if mask is None else (mask[..., :keys] if mask.shape[-1] == S and S > 1
+                                           else mask)
+            s = _scores(q, kc, rows, T, scale, causal, m)
+            p = s.sub_(_safe(lse[:, :, rows].to(ct))[..., None]).exp_()  # in place: s is ours
+            gc = g[:, :, rows].to(ct)
+            if need_v:
+                dv[:, :, :keys].add_(torch.matmul(p.transpose(-1, -2), gc))
+            if need_q or need_k:
+                delta = (gc * o[:, :, rows].to(ct)).sum(-1, keepdim=True)
+                ds = torch.matmul(gc, vc.transpose(-1, -2)).sub_(delta).mul_(p)
+                if need_q:
+                    dq[:, :, rows] = torch.matmul(ds, kc).mul_(scale).to(q.dtype)
+                if need_k:
+                    dk[:, :, :keys].add_(torch.matmul(ds.transpose(-1, -2),
+                                                      q[:, :, rows].to(ct)), alpha=scale)
+    return (dq, None if dk is None else dk.to(q.dtype), None if dv is None else dv.to(q.dtype))

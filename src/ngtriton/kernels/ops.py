@@ -25,8 +25,8 @@ from torch import Tensor
 from . import reference as _ref
 from ._config import can_launch, offsets_fit
 
-__all__ = ["attention_forward", "attention_jvp", "layernorm_jvp", "layernorm_vjp", "linear_jvp",
-           "linear_jvp_fvp", "linear_vjp"]
+__all__ = ["attention_forward", "attention_jvp", "attention_vjp", "layernorm_jvp",
+           "layernorm_vjp", "linear_jvp", "linear_jvp_fvp", "linear_vjp"]
 
 _MAX_BLOCK_D = 16384  # == layernorm.MAX_BLOCK_D (kept here so dispatch needs no triton import)
 _FVP_MAX_N = 256  # == linear.FVP_MAX_N: widest categorical row fused into the JVP epilogue
@@ -198,3 +198,29 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dq: T
                                            causal=causal, mask=mask)
     return ar.attention_jvp_reference(q, k, v, o, lse, dq, dk, dv, scale=scale, causal=causal,
                                       mask=mask)
+
+
+def attention_vjp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor, *,
+                  scale: float | None = None, causal: bool = False, mask: Tensor | None = None,
+                  need: tuple[bool, bool, bool] = (True, True, True)
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+    """Cotangents ``(dq, dk, dv)`` of attention (``None`` for those ``need`` leaves out) for the
+    output cotangent ``g``, from the forward's ``o`` and fp32 ``lse`` (:func:`attention_forward`;
+    FlashAttention-2 kernels, :mod:`.attention_backward`). Same conditions as
+    :func:`attention_jvp` (``g`` shaped like q). Returns ``None`` when the kernels cannot take
+    the operands: the caller then uses torch's own SDPA backward."""
+    from . import attention_reference as ar
+
+    ts = (q, k, v, o, g)
+    if (ar.shapes_ok(q, k, v, mask, o, lse, g) and 0 < q.shape[-1] <= 256
+            and q.shape[0] * q.shape[1] <= 65535 and _small(*ts, lse, mask) and can_launch(*ts)
+            and lse.device == q.device and can_launch(lse, dtypes=(torch.float32,))
+            and (mask is None or (mask.device == q.device and can_launch(
+                mask, dtypes=None if mask.is_floating_point() else (torch.bool,))))):
+        from . import attention_backward as ab
+        from ._config import dot_precision
+
+        if ab.head_block(q.shape[-1]) <= ab.vjp_head_limit(q.dtype, dot_precision(q.dtype)):
+            return ab.attention_vjp(q, k, v, o, lse, g, scale=scale, causal=causal, mask=mask,
+                                    need=need)
+    return None

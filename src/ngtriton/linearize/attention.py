@@ -2,8 +2,10 @@
 
 JVP: ``ops.attention_jvp``, forward mode through the softmax from the saved log-sum-exp of each
 row, never forming the T×S matrix (the flash-attention JVP kernel on the GPU, a chunked torch
-reference elsewhere). VJP: torch's own SDPA backward (its efficient kernels), through the autograd
-graph of one SDPA call made at build time. Dropout is off in every linearization, so
+reference elsewhere). VJP: ``ops.attention_vjp`` (the flash-attention backward kernels) where
+the ops module has it and it can launch; otherwise torch's own SDPA backward (its fused kernels)
+through the autograd graph of one SDPA call (on the CPU the build's own forward, which also
+gives the log-sum-exp). Dropout is off in every linearization, so
 ``dropout_p`` is 0 here too; the mask is a constant (a mask that depends on the parameters, or
 grouped-query shapes, take the per-node fallback).
 """
@@ -50,27 +52,27 @@ class AttentionStep(Step):
         self.q, self.k, self.v, self.mask, self.causal = q, k, v, mask, causal
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         self.in_slots, self.pos = _positions(slots)
+        self.need = tuple(s is not None for s in slots)
+        self.graph_out: Tensor | None = None
         with torch.enable_grad():
-            self.leaves = [t.detach().requires_grad_(s is not None)
-                           for t, s in zip((q, k, v), slots)]
-            found = _cpu_flash(self.leaves, mask, causal, self.scale)
-            if found is not None:  # one forward gives the output, its graph and the lse
-                self.graph_out, lse = found
-                self.o, self.lse = self.graph_out.detach(), lse.detach()
-            else:
-                self.graph_out = F.scaled_dot_product_attention(
-                    *self.leaves, attn_mask=mask, dropout_p=0.0, is_causal=causal,
-                    scale=self.scale)
-        if found is None:
+            leaves = [t.detach().requires_grad_(s is not None) for t, s in zip((q, k, v), slots)]
+            # the torch backend on the CPU: torch's flash kernel gives o, lse and the graph; a
+            # backend with the VJP kernel (Triton) runs its own forward and backward
+            found = (None if hasattr(ops, "attention_vjp")
+                     else _cpu_flash(leaves, mask, causal, self.scale))
+        if found is not None:  # one forward gives the output, its graph and the lse
+            self.graph_out, lse = found
+            self.leaves = leaves
+            self.o, self.lse = self.graph_out.detach(), lse.detach()
+        else:
             self.o, self.lse = ops.attention_forward(q, k, v, scale=self.scale, causal=causal,
                                                      mask=mask)
-        self.active = [leaf for leaf, s in zip(self.leaves, slots) if s is not None]
 
     @property
     def value(self) -> Tensor:
-        """torch's own output, strides included: a captured graph may have dropped a
-        ``contiguous()`` that torch's layout made a no-op."""
-        return self.graph_out.detach()
+        """The output; on the CPU torch's own, strides included (a captured graph runs ``view``
+        as ``reshape``, so other layouts are fine too)."""
+        return self.o
 
     def jvp(self, dots):
         dq, dk, dv = (None if p is None else dots[p] for p in self.pos)
@@ -78,8 +80,22 @@ class AttentionStep(Step):
                                       scale=self.scale, causal=self.causal, mask=self.mask)
 
     def vjp(self, g):
+        kernel = getattr(self.ops, "attention_vjp", None)
+        if kernel is not None and self.graph_out is None:  # the flash-attention VJP kernel
+            grads = kernel(self.q, self.k, self.v, self.o, self.lse, g, scale=self.scale,
+                           causal=self.causal, mask=self.mask, need=self.need)
+            if grads is not None:
+                return [t for t, n in zip(grads, self.need) if n]
+        if self.graph_out is None:  # torch's SDPA backward, through one more forward, once
+            with torch.enable_grad():
+                self.leaves = [t.detach().requires_grad_(n)
+                               for t, n in zip((self.q, self.k, self.v), self.need)]
+                self.graph_out = F.scaled_dot_product_attention(
+                    *self.leaves, attn_mask=self.mask, dropout_p=0.0, is_causal=self.causal,
+                    scale=self.scale)
+        active = [leaf for leaf, n in zip(self.leaves, self.need) if n]
         with torch.enable_grad():
-            return list(torch.autograd.grad(self.graph_out, self.active, g, retain_graph=True))
+            return list(torch.autograd.grad(self.graph_out, active, g, retain_graph=True))
 
 
 def _cpu_flash(leaves: list[Tensor], mask: Tensor | None, causal: bool,
