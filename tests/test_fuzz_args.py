@@ -733,6 +733,8 @@ FISHER_BAD: dict[str, st.SearchStrategy] = {
     "mc_samples": bad_count(huge=False),  # 10**400: see test_fisher_operator_huge_mc_samples
     "generator": st.sampled_from(["x", 0, object()]),
     "record": st.sampled_from([3, "record", object(), []]),
+    "autocast": st.sampled_from([True, "bf16", 3, object(), torch.float32, torch.float64,
+                                 torch.int8]),
 }
 # Arguments whose bad values only some settings check (fisher="mc" samples with the generator;
 # the unchecked type is test_fisher_operator_generator_type).

@@ -24,8 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Bernoulli, Categorical, Likelihood, get_likelihood
-from .linearize import ForwardRecord, Linearization, linearize, resolve_backend
+from .linearize import (
+    AutocastArg,
+    ForwardRecord,
+    Linearization,
+    linearize,
+    resolve_autocast,
+    resolve_backend,
+)
 from .linearize.outputs import OutputSelector, check_selector
+from .linearize.precision import check_autocast
 from .linearize.rules import OutputEpilogue
 from .losses import check_loss, likelihood_terms, loss_terms, loss_value
 
@@ -122,6 +130,11 @@ class FisherOperator:
         record: a :class:`~ngtriton.linearize.ForwardRecord` of ``model(*inputs)`` run at the
             current parameters (e.g. for the loss); its Linear and activation outputs are reused
             instead of recomputed. The outputs are then the recorded ones: do not modify them.
+        autocast: the precision of the model's forward and of ``J v``, ``Jᵀ u``: None (default)
+            follows the ambient ``torch.autocast`` here (full precision outside one), False is
+            full precision, ``torch.bfloat16``/``torch.float16`` run them under
+            ``torch.autocast``; the outputs, the output Fisher and every vector this operator
+            returns stay in the parameters' dtype (see ``docs/mixed_precision.md``).
 
     Vectors are flat tensors of length ``P`` (all trainable parameters, in
     ``model.parameters()`` order) or lists of tensors shaped like the parameters; products return
@@ -134,9 +147,10 @@ class FisherOperator:
                  targets: Any = None, output: OutputSelector = None, fisher: str = "exact",
                  damping: float = 0.0, backend: str = "auto", mc_samples: int = 1,
                  generator: torch.Generator | None = None,
-                 record: ForwardRecord | None = None) -> None:
+                 record: ForwardRecord | None = None, autocast: AutocastArg = None) -> None:
         inputs = _as_tuple(inputs)
         params = check_model_inputs(model, inputs)
+        check_autocast(autocast)
         if loss is not None and likelihood is not None:
             raise ValueError("loss: give loss= or likelihood=, not both (the loss decides the "
                              "likelihood)")
@@ -168,8 +182,9 @@ class FisherOperator:
         self.backend = resolve_backend(backend, self.device)
         if record is not None and not isinstance(record, ForwardRecord):
             raise TypeError(f"record: expected a ForwardRecord, got {type(record).__name__}")
+        self.autocast = resolve_autocast(autocast, self.device)
         self.linearization: Linearization = linearize(model, inputs, self.backend, record,
-                                                      output)
+                                                      output, self.autocast or False)
         out = self.linearization.outputs
         if out.numel() == 0:
             raise ValueError("inputs: the batch is empty")

@@ -75,6 +75,20 @@ def test_gpt2_with_padding_in_train_mode():
         torch.testing.assert_close(lin.outputs, model(ids, None, mask).logits)
 
 
+def test_gpt2s_gelu_chain_becomes_one_op_with_a_rule():
+    """``gelu_new`` is ten elementwise ATen ops; the capture makes it the tanh-GELU op."""
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=23, n_positions=12,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(F64).eval()
+    ids = torch.randint(0, 23, (2, 7))
+    clear_capture_cache()
+    targets = [str(n.target) for n in capture(model, (ids,)).graph.nodes]
+    assert "aten.gelu.default" in targets
+    assert not any("tanh" in t or "pow" in t for t in targets)
+    exact(model, (ids,), Logits(model), reverse_only=True)
+
+
 def test_bert_classification_with_a_padding_mask():
     cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
                                   intermediate_size=24, vocab_size=31,
@@ -307,3 +321,30 @@ def test_data_dependent_control_flow_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="torch.export cannot capture"):
         linearize(model, (x,), backend="torch")  # the failure is remembered: not tried again
     assert calls == []
+
+
+def test_batch_norm_in_train_mode_through_the_capture():
+    class Net(nn.Module):  # fx cannot trace the size test: the ATen capture takes it
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.out = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            if x.size(0) > 100:
+                raise ValueError("batch too large")
+            return self.out(F.relu(self.bn(self.c(x))).flatten(1))
+
+    import copy
+
+    torch.manual_seed(7)
+    model = Net().to(F64).train()
+    x = torch.randn(5, 3, 6, 6, dtype=F64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    oracle = copy.deepcopy(model)
+    oracle.bn.running_mean = oracle.bn.running_var = oracle.bn.num_batches_tracked = None
+    lin = linearize(model, (x,), backend="torch")
+    for k, v in model.state_dict().items():  # linearize() keeps the running statistics
+        assert torch.equal(v, before[k]), k
+    assert any(type(s).__name__ == "BatchNormStep" for s in lin.steps)
+    exact(model, (x,), oracle)

@@ -202,3 +202,21 @@ def test_addmm_and_mm_take_the_weight_transposed():
         from ngtriton.linearize.capture import capture
         cap = capture(model, (torch.randn(2, 5, 4, dtype=F64),))
     assert any("addmm" in str(n.target) for n in cap.graph.nodes)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_module_and_function(affine):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm = nn.Linear(4, 6), nn.RMSNorm(6, elementwise_affine=affine)
+            self.w = nn.Parameter(torch.rand(2, 3) + 0.5)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = F.silu(self.norm(self.a(x)))
+            h = F.rms_norm(h.view(*h.shape[:-1], 2, 3), (2, 3), self.w, eps=1e-5)
+            return self.b(h.flatten(-2))
+
+    torch.manual_seed(9)
+    exact_without_fallback(Net().to(F64), torch.randn(3, 5, 4, dtype=F64))

@@ -17,14 +17,16 @@ from .autograd import AutogradLinearization
 from .base import Linearization, check_tangents
 from .functions import NotLinearizable
 from .outputs import OutputSelector, check_selector, select_output
+from .precision import AutocastArg, autocast_context, resolve_autocast
 from .record import ForwardRecord
 from .state import buffers_kept
 
 BACKENDS = ("auto", "torch", "triton", "autograd")
 
-__all__ = ["BACKENDS", "AutogradLinearization", "ForwardRecord", "Linearization",
+__all__ = ["BACKENDS", "AutocastArg", "AutogradLinearization", "ForwardRecord", "Linearization",
            "NotLinearizable", "OutputSelector", "buffers_kept", "check_selector",
-           "check_tangents", "linearize", "resolve_backend", "select_output"]
+           "check_tangents", "linearize", "resolve_autocast", "resolve_backend",
+           "select_output"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -43,7 +45,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
               record: ForwardRecord | None = None,
-              output: OutputSelector = None) -> Linearization:
+              output: OutputSelector = None, autocast: AutocastArg = None) -> Linearization:
     """Run ``model(*inputs)`` once and return its linearization at the current parameters.
 
     ``record``: a :class:`ForwardRecord` of that same forward, already run; the engine reuses
@@ -52,6 +54,12 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     :func:`~ngtriton.linearize.outputs.select_output`; default: the tensor, ``.logits``, or a
     tuple's first tensor).
 
+    ``autocast``: the precision of the forward and of the products: None (default) follows the
+    ambient ``torch.autocast`` of the parameters' device at this call (full precision outside
+    one), False is full precision, ``torch.bfloat16``/``torch.float16`` run the forward and
+    every product under ``torch.autocast`` with that dtype; ``outputs``, ``J v`` and ``Jᵀ u``
+    are in the parameters' dtype either way (:mod:`~ngtriton.linearize.precision`).
+
     The linearization is of the deterministic network (every dropout off, see
     :mod:`~ngtriton.linearize.dropout`), and the build leaves the model's buffers as it found
     them (BatchNorm's running statistics in train mode included).
@@ -59,28 +67,31 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     output = check_selector(output)
     device = next(model.parameters()).device
     resolved = resolve_backend(backend, device)
-    with buffers_kept(model):
-        return _linearize(model, inputs, resolved, record, output)
+    precision = resolve_autocast(autocast, device)
+    with buffers_kept(model), autocast_context(precision, device.type):
+        return _linearize(model, inputs, resolved, record, output, precision)
 
 
 def _linearize(model: nn.Module, inputs: Sequence[object], resolved: str,
-               record: ForwardRecord | None, output: OutputSelector) -> Linearization:
+               record: ForwardRecord | None, output: OutputSelector,
+               precision: torch.dtype | None) -> Linearization:
     if resolved == "autograd":
-        return AutogradLinearization(model, inputs, output)
+        return AutogradLinearization(model, inputs, output, autocast=precision or False)
     from .engine import EngineUnsupported, build_engine
 
-    if resolved == "triton":
+    if resolved == "triton" and precision is None:
         from ..kernels import ops
-    else:
+    else:  # under autocast torch's ops (the Triton kernels' bf16 path is not wired up yet)
         from . import ops_torch as ops
     try:
-        return build_engine(model, inputs, ops, record=record, output=output)
+        return build_engine(model, inputs, ops, record=record, output=output,
+                            autocast=precision or False)
     except EngineUnsupported as err:
         reason = err
     # Warned only once the fallback has run: a model that fails on these inputs anyway (a
     # wrong shape) raises its own error, without a warning about the engine first.
     try:
-        lin = AutogradLinearization(model, inputs, output)
+        lin = AutogradLinearization(model, inputs, output, autocast=precision or False)
     except Exception as err:
         if hasattr(err, "add_note"):  # Python ≥ 3.11
             err.add_note(f"ngtriton: the per-module engine had failed first: {reason}")

@@ -28,21 +28,31 @@ from torch import Tensor, nn
 from .base import check_tangents
 from .functions import custom_functions, forward_jvp, functions_without_jvp, not_linearizable
 from .outputs import OutputSelector, select_output
+from .precision import AutocastArg, autocast_context, resolve_autocast
 from .rules import WithoutDropout, depends_on, math_attention, reaching
 from .state import buffers_kept
 
 
 class AutogradLinearization:
     """Linearization of ``model(*inputs)`` by autograd on a retained graph (``output``: which
-    tensor of the model's output, see :func:`~ngtriton.linearize.outputs.select_output`)."""
+    tensor of the model's output, see :func:`~ngtriton.linearize.outputs.select_output`;
+    ``autocast``: the precision, see :mod:`~ngtriton.linearize.precision`: under autocast the
+    forward, and so the graph the products differentiate, runs in that dtype, and the output is
+    cast to the parameters' dtype in the graph)."""
 
     def __init__(self, model: nn.Module, inputs: Sequence[object],
-                 output: OutputSelector = None) -> None:
+                 output: OutputSelector = None, autocast: AutocastArg = None) -> None:
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         self._forward_ad: Callable[[Sequence[Tensor]], Tensor] | None = None
-        with torch.enable_grad(), math_attention():
+        device = (self.params[0] if self.params else torch.empty(0)).device
+        self.autocast = precision = resolve_autocast(autocast, device)
+        self._device_type = device.type
+        with torch.enable_grad(), math_attention(), autocast_context(precision, device.type):
             with WithoutDropout():
                 out = select_output(model(*inputs), output)
+            if precision is not None and self.params and out.dtype != self.params[0].dtype \
+                    and out.is_floating_point():
+                out = out.to(self.params[0].dtype)  # the products' outputs: full precision
             self._out = out
             # Any u works (Jᵀu is linear in it); ones make a severed dependency visible below.
             self._dummy = torch.ones_like(out, requires_grad=True)
@@ -62,7 +72,8 @@ class AutogradLinearization:
             if missing:
                 raise not_linearizable(missing)
             if functions:  # their own jvp, by forward-mode AD through the whole model
-                self._forward_ad = _whole_model_jvp(model, tuple(inputs), output, self.params)
+                self._forward_ad = _whole_model_jvp(model, tuple(inputs), output, self.params,
+                                                    precision)
                 self._linked, self._grads = [], []
                 return
             raise RuntimeError(
@@ -115,7 +126,8 @@ class AutogradLinearization:
 
 
 def _whole_model_jvp(model: nn.Module, inputs: tuple[object, ...], output: OutputSelector,
-                     params: list[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
+                     params: list[Tensor], precision: torch.dtype | None = None
+                     ) -> Callable[[Sequence[Tensor]], Tensor]:
     """``J v`` by forward-mode AD through ``model`` (its forward runs again for each product,
     without dropout, with its buffers and the random generators left as they were): for a
     custom Function whose backward cannot be differentiated again but that has a ``jvp``."""
@@ -129,7 +141,8 @@ def _whole_model_jvp(model: nn.Module, inputs: tuple[object, ...], output: Outpu
 
     def jvp(tangents: Sequence[Tensor]) -> Tensor:
         with buffers_kept(model), torch.random.fork_rng(devices=devices), WithoutDropout(), \
-                math_attention():
-            return forward_jvp(run, primals, list(tangents)).detach()
+                math_attention(), autocast_context(precision, primals[0].device.type):
+            out = forward_jvp(run, primals, list(tangents)).detach()
+        return out.to(primals[0].dtype) if precision is not None else out
 
     return jvp

@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .base import EngineUnsupported
+from .collapse import collapse_activations
 from .outputs import OutputSelector, select_output
+from .precision import ambient_autocast
 from .trace import _KEYS, _attributes, _plain
 
 __all__ = ["Captured", "capture", "clear_capture_cache"]
@@ -113,8 +115,9 @@ def _key(model: nn.Module, inputs: Sequence[Any], output: OutputSelector) -> Any
             (k, v) for k, v in sorted(vars(config).items()) if isinstance(v, _KEYS))
         modules.append((name, id(m), type(m), m.training, _plain(m), _attributes(m), extra))
     hooks = torch.nn.modules.module
+    precision = tuple(ambient_autocast(d) for d in ("cpu", "cuda"))  # an export under autocast
     return (tuple(modules), tuple(described), spec, repr(output),
-            len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
+            len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks), precision)
 
 
 def capture(model: nn.Module, inputs: Sequence[Any], output: OutputSelector = None,
@@ -194,6 +197,7 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], output: OutputSelector
         raise EngineUnsupported("torch.export returned more than the selected output (a "
                                 "buffer the forward mutates out of place?)")
     _refuse_aliased_mutation(graph)
+    collapse_activations(graph)  # Hugging Face's elementwise GELU chains → one op with a rule
     new_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:

@@ -33,13 +33,14 @@ def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
                                 f"({type(err).__name__}: {err})") from err
 
 
-def _agrees(eager: Any, outputs: Tensor) -> bool:
+def _agrees(eager: Any, outputs: Tensor, precision: torch.dtype | None = None) -> bool:
     """Check a new trace's outputs against the eager forward's; raise EngineUnsupported if they
     differ. False when they are not finite (nothing to judge; checked at the next build).
 
     fx traces with stand-ins that are not tensors, so a ``forward`` that asks
     ``isinstance(v, Tensor)`` or ``torch.is_tensor(v)`` of an input takes the other branch in
-    the trace than in eager PyTorch: the graph is then a different function."""
+    the trace than in eager PyTorch: the graph is then a different function. ``precision``:
+    the autocast dtype both ran in (its rounding sets the tolerance), None for full precision."""
     if not isinstance(eager, Tensor) or eager.shape != outputs.shape:
         got = tuple(eager.shape) if isinstance(eager, Tensor) else type(eager).__name__
         raise EngineUnsupported(f"the traced graph returns shape {tuple(outputs.shape)}, the "
@@ -47,7 +48,8 @@ def _agrees(eager: Any, outputs: Tensor) -> bool:
     eager, got = eager.detach().double(), outputs.double()
     if not (bool(torch.isfinite(eager).all()) and bool(torch.isfinite(got).all())):
         return False
-    tol = math.sqrt(torch.finfo(outputs.dtype).eps)  # far above rounding, far below a branch
+    # far above rounding, far below a branch
+    tol = math.sqrt(torch.finfo(precision or outputs.dtype).eps)
     if float((got - eager).norm()) > tol * max(float(eager.norm()), 1e-30):
         raise EngineUnsupported("the traced graph computes another function than the model "
                                 "(does forward test isinstance(..., Tensor) of an input?)")

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .precision import lowp
 from .rules import Step, _active_cotangents, _positions
 
-__all__ = ["ConvStep", "conv_geometry"]
+__all__ = ["ConvStep", "conv_forward", "conv_geometry"]
 
 _aten = torch.ops.aten
 
@@ -42,19 +43,30 @@ def conv_geometry(weight: Tensor, stride: int | Sequence[int], padding: int | st
     return stride_, ints(padding), dilation_
 
 
+def conv_forward(x: Tensor, w: Tensor, bias: Tensor | None, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    """The convolution's value; under autocast in its dtype, as ``F.conv2d`` runs there
+    (ATen's ``convolution`` is not on autocast's list)."""
+    x, w, bias = lowp(x, w, bias)
+    return _aten.convolution(x, w, bias, stride, padding, dilation, False, [0] * len(stride),
+                             groups)
+
+
 class ConvStep(Step):
     """A convolution (channels first, zero padding, any groups); input, weight or bias active."""
 
     def __init__(self, x: Tensor, weight: Tensor, x_slot: int | None, w_slot: int | None,
                  b_slot: int | None, stride: list[int], padding: list[int],
                  dilation: list[int], groups: int, out_shape: torch.Size) -> None:
-        self.x, self.weight = x, weight
+        self.x, self.weight = lowp(x, weight)  # under autocast: its dtype (a no-op otherwise)
         self.in_slots, (self.xp, self.wp, self.bp) = _positions((x_slot, w_slot, b_slot))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.out_shape = out_shape
         self._bias_view = (1, weight.shape[0]) + (1,) * (weight.dim() - 2)
 
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
+        if x.dtype != w.dtype:  # under autocast: a full-precision tangent
+            x, w = lowp(x, w)
         return _aten.convolution(x, w, None, self.stride, self.padding, self.dilation, False,
                                  [0] * len(self.stride), self.groups)
 
@@ -72,6 +84,8 @@ class ConvStep(Step):
 
     def vjp(self, g):
         mask = [self.xp is not None, self.wp is not None, self.bp is not None]
+        if g.dtype != self.x.dtype:  # under autocast: a full-precision cotangent
+            g = lowp(g)[0]
         gx, gw, gb = _aten.convolution_backward(
             g, self.x, self.weight, [self.weight.shape[0]] if mask[2] else None, self.stride,
             self.padding, self.dilation, False, [0] * len(self.stride), self.groups, mask)

@@ -54,6 +54,7 @@ from .check import _agrees, _eager_forward
 from .classify import _has_module_rule, _plain
 from .function_rules import module_rule
 from .outputs import OutputSelector, prune_steps, select_output
+from .precision import AutocastArg, autocast_context, resolve_autocast
 from .record import ForwardRecord
 from .rules import LinearStep, OutputEpilogue, Step
 from .trace import (
@@ -79,12 +80,21 @@ class EngineLinearization:
 
     ``params``, ``outputs``, ``jvp`` and ``vjp`` follow :class:`~ngtriton.linearize.Linearization`.
     ``steps`` lists the rules in execution order; ``fallbacks`` names the nodes that use the
-    per-node autograd fallback (no dedicated rule).
+    per-node autograd fallback (no dedicated rule). ``autocast``: the low-precision dtype the
+    forward ran in and the products run in (None: full precision); ``outputs``, ``J v`` and
+    ``Jᵀ u`` are in the parameters' dtype either way (:mod:`~ngtriton.linearize.precision`).
     """
 
     def __init__(self, params: list[Tensor], outputs: Tensor, steps: list[Step],
-                 n_slots: int, out_slot: int | None, fallbacks: list[str]) -> None:
+                 n_slots: int, out_slot: int | None, fallbacks: list[str],
+                 autocast: torch.dtype | None = None) -> None:
         self.params = params
+        self.autocast = autocast
+        self._param_dtypes = [p.dtype for p in params]  # as built (what products return)
+        self._dtype = params[0].dtype if params else outputs.dtype
+        self._device_type = (params[0] if params else outputs).device.type
+        if autocast is not None and outputs.is_floating_point():
+            outputs = outputs.to(self._dtype)
         self.outputs = outputs
         self.steps = steps = prune_steps(steps, out_slot)
         self.fallbacks = fallbacks
@@ -139,6 +149,13 @@ class EngineLinearization:
         """
         check_tangents(self.params, tangents)
         self._check_fresh()
+        with autocast_context(self.autocast, self._device_type):
+            res = self._jvp(tangents, epilogue)
+        if self.autocast is None or res.dtype == self.outputs.dtype:
+            return res
+        return res.to(self.outputs.dtype)
+
+    def _jvp(self, tangents: Sequence[Tensor], epilogue: OutputEpilogue | None) -> Tensor:
         fused = -1
         if epilogue is not None:
             if not self.accepts_epilogue(epilogue):
@@ -171,6 +188,13 @@ class EngineLinearization:
         self._check_fresh()
         if self._out_slot is None:
             return [torch.zeros_like(p) for p in self.params]
+        with autocast_context(self.autocast, self._device_type):
+            grads = self._vjp(cotangent)
+        if self.autocast is None:
+            return grads
+        return [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, self._param_dtypes)]
+
+    def _vjp(self, cotangent: Tensor) -> list[Tensor]:
         cots: list[Any] = [None] * self._n_slots
         owned = [False] * self._n_slots
         cots[self._out_slot] = cotangent
@@ -213,7 +237,8 @@ def _accumulate(cots: list[Any], owned: list[bool], s: int, c: Any) -> None:
 def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
                  ops: ModuleType = ops_torch, *, cache_trace: bool = True,
                  record: ForwardRecord | None = None,
-                 output: OutputSelector = None) -> EngineLinearization:
+                 output: OutputSelector = None,
+                 autocast: AutocastArg = None) -> EngineLinearization:
     """Trace ``model``, run ``model(*inputs)`` once and return its rule-based linearization.
 
     ``ops`` provides ``linear_jvp``, ``linear_vjp``, ``layernorm_jvp`` and ``layernorm_vjp``
@@ -232,10 +257,21 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
 
     ``output``: which tensor of a tuple, dict or ``ModelOutput`` the model returns is
     linearized (:func:`~ngtriton.linearize.outputs.select_output`); only what it needs is kept.
+
+    ``autocast``: the precision (see :mod:`~ngtriton.linearize.precision`).
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    precision = resolve_autocast(autocast, device)
+    with autocast_context(precision, device.type):
+        return _build_engine(model, inputs, ops, cache_trace, record, output, precision)
+
+
+def _build_engine(model: nn.Module, inputs: tuple[Any, ...], ops: ModuleType, cache_trace: bool,
+                  record: ForwardRecord | None, output: OutputSelector,
+                  precision: torch.dtype | None) -> EngineLinearization:
     if not _plain(model):  # the trace starts at model.forward: its own hooks would not run
         raise EngineUnsupported(f"{type(model).__name__} itself has forward hooks, a "
                                 "parametrization or a forward set on the instance")
@@ -255,7 +291,8 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
         graph, reason = None, err.reason
     if graph is not None and not _prefers_capture(graph, model):
         try:
-            return _build(model, graph, flat, inputs, ops, record, output)
+            return _build(model, graph, flat, inputs, ops, record, output,
+                          precision=precision)
         except EngineUnsupported as err:
             if not getattr(graph, "_ngtriton_wrong", None):
                 raise
@@ -265,8 +302,10 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     except EngineUnsupported as err:
         if graph is None:
             raise EngineUnsupported(f"{reason}; {err.reason}") from err
-        return _build(model, graph, flat, inputs, ops, record, output)  # opaque modules stay
-    return _build(model, captured.graph, captured.flat, inputs, ops, record, None, output)
+        return _build(model, graph, flat, inputs, ops, record, output,  # opaque modules stay
+                      precision=precision)
+    return _build(model, captured.graph, captured.flat, inputs, ops, record, None, output,
+                  precision=precision)
 
 
 def _prefers_capture(graph: fx.Graph, model: nn.Module) -> bool:
@@ -298,21 +337,24 @@ def _prefers_capture(graph: fx.Graph, model: nn.Module) -> bool:
 
 def _build(model: nn.Module, graph: fx.Graph, flat: tuple[Any, ...], inputs: tuple[Any, ...],
            ops: ModuleType, record: ForwardRecord | None, output: OutputSelector,
-           check_output: OutputSelector = None) -> EngineLinearization:
+           check_output: OutputSelector = None, *,
+           precision: torch.dtype | None = None) -> EngineLinearization:
     """Build from ``graph``; at a graph's first build, check it against the eager forward
     (``check_output`` selects from the eager result where the graph selected already)."""
     # The eager check's forward runs first, so that restoring the buffers cannot touch what
     # the build's autograd nodes saved; it draws from, and leaves, the generators as they are.
     check = not getattr(graph, "_ngtriton_checked", True)
     eager = _eager_forward(model, inputs) if check else None
-    lin = EngineLinearization(*_Builder(model, graph, flat, ops, record, output).build())
+    lin = EngineLinearization(*_Builder(model, graph, flat, ops, record, output).build(),
+                              autocast=precision)
     if check:
         try:
             eager = select_output(eager, output if output is not None else check_output)
         except TypeError as err:
             raise EngineUnsupported(str(err)) from err
         try:
-            graph._ngtriton_checked = _agrees(eager, lin.outputs)  # type: ignore[attr-defined]
+            graph._ngtriton_checked = _agrees(  # type: ignore[attr-defined]
+                eager, lin.outputs, precision)
         except EngineUnsupported as err:  # the graph itself is wrong: refuse it from now on
             graph._ngtriton_wrong = str(err)  # type: ignore[attr-defined]
             raise

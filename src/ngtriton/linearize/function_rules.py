@@ -23,9 +23,10 @@ from torch.fx.node import Node
 from .attention import AttentionStep, attention_supported
 from .batchnorm import BatchNormStep
 from .classify import _arg, _plain
-from .convolution import ConvStep, conv_geometry
+from .convolution import ConvStep, conv_forward, conv_geometry
 from .pooling import MaxPoolStep, max_pool_with_indices
 from .products import MatmulStep, SoftmaxStep, matmul_operands_ok, softmax_value
+from .rmsnorm import RMSNormStep, rms_norm_parts
 from .rules import ElementwiseStep, EmbeddingStep, LinearStep, build_linear_fn
 
 if TYPE_CHECKING:
@@ -68,8 +69,7 @@ def _conv(b: _Builder, node: Node, x_arg: Any, w_arg: Any, bias_arg: Any, stride
     if geometry is None or x.dim() != w.dim():  # unbatched input, odd "same" padding
         return False
     stride_, padding_, dilation_ = geometry
-    value = _aten.convolution(x, w, bias, stride_, padding_, dilation_, False,
-                              [0] * len(stride_), int(b._val(groups)))
+    value = conv_forward(x, w, bias, stride_, padding_, dilation_, int(b._val(groups)))
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True
@@ -115,8 +115,7 @@ def _module_conv(b: _Builder, node: Node, mod: nn.Module, x_arg: Any) -> bool:
     stride_, padding_, dilation_ = geometry
     value = b._recorded(node, x)
     if value is None:
-        value = _aten.convolution(x, w, bias, stride_, padding_, dilation_, False,
-                                  [0] * len(stride_), mod.groups)
+        value = conv_forward(x, w, bias, stride_, padding_, dilation_, mod.groups)
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True
@@ -228,6 +227,45 @@ def _attention(b: _Builder, node: Node) -> bool:
         return False  # torch refuses the pair as well
     step = AttentionStep(b.ops, q, k, v, mask, causal, scale, (qs, ks, vs))
     b._add(node, step, step.value)
+    return True
+
+
+# -- RMSNorm --------------------------------------------------------------------------------
+
+def _rms_norm(b: _Builder, node: Node, x_arg: Any, shape: Any, w_arg: Any, eps: Any) -> bool:
+    x, x_slot = b._src(x_arg)
+    w, w_slot = b._src(w_arg)
+    shape = tuple(b._val(shape))
+    if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        return False
+    if x_slot is None and w_slot is None:
+        return False
+    xhat, r = rms_norm_parts(x, len(shape), b._val(eps))
+    value = xhat if w is None else xhat * w
+    b._add(node, RMSNormStep(xhat, r, w, len(shape), x_slot, w_slot), value)
+    return True
+
+
+def _rms_norm_function(b: _Builder, node: Node) -> bool:
+    """``F.rms_norm`` / ``aten.rms_norm``: (input, normalized_shape, weight, eps)."""
+    return _rms_norm(b, node, _arg(node, 0, "input"), _arg(node, 1, "normalized_shape"),
+                     _arg(node, 2, "weight"), _arg(node, 3, "eps"))
+
+
+def _rms_norm_module(b: _Builder, node: Node, mod: nn.Module) -> bool:
+    if not _plain(mod) or len(node.args) + len(node.kwargs) != 1:
+        return False
+    x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    x, x_slot = b._src(x_arg)
+    w, w_slot = b._param(mod.weight)
+    shape = tuple(mod.normalized_shape)
+    if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        return False
+    if x_slot is None and w_slot is None:
+        return False
+    xhat, r = rms_norm_parts(x, len(shape), mod.eps)
+    value = xhat if w is None else xhat * w
+    b._add(node, RMSNormStep(xhat, r, w, len(shape), x_slot, w_slot), value)
     return True
 
 
@@ -390,6 +428,7 @@ MODULE_RULES: dict[type, Callable[[_Builder, Node, nn.Module], bool]] = {
     **dict.fromkeys(_BATCH_NORMS, _batch_norm_module),
     **dict.fromkeys(_LINEAR_MODULES, _linear_module),
     **dict.fromkeys(_MAX_POOLS, _max_pool_module),
+    nn.RMSNorm: _rms_norm_module,
 }
 
 
@@ -408,6 +447,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.scaled_dot_product_attention: _attention, _aten.scaled_dot_product_attention: _attention,
     torch.addmm: _addmm, _aten.addmm: _addmm, _aten.mm: _mm,
     _aten.embedding: _embedding_aten,
+    F.rms_norm: _rms_norm_function, _aten.rms_norm: _rms_norm_function,
 }
 
 

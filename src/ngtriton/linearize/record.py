@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .precision import ambient_autocast
+
 __all__ = ["ForwardRecord"]
 
 
@@ -28,6 +30,7 @@ class _Entry:
     out: Tensor
     out_version: int
     params: tuple[tuple[Tensor, int], ...]
+    autocast: torch.dtype | None = None  # the autocast the module ran under (None: off)
     calls: int = 1
 
 
@@ -81,7 +84,8 @@ class ForwardRecord:
         x = args[0]
         self._entries[module] = _Entry(
             x, x._version, output, output._version,
-            tuple((p, p._version) for p in module._parameters.values() if p is not None))
+            tuple((p, p._version) for p in module._parameters.values() if p is not None),
+            ambient_autocast(x.device.type))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,7 +95,8 @@ class ForwardRecord:
 
         That holds when the module ran once while recording, on an input with ``x``'s dtype,
         shape and values (the same memory, or equal element by element), and since then
-        neither that input, nor the output, nor the module's parameters changed in place.
+        neither that input, nor the output, nor the module's parameters changed in place; and
+        the module ran under the same autocast (none, or the same dtype) as the lookup now.
         """
         e = self._entries.get(module)
         if e is None or e.calls != 1:
@@ -100,7 +105,9 @@ class ForwardRecord:
             return None
         if any(p._version != v for p, v in e.params):
             return None
-        if e.params and e.out.dtype != e.params[0][0].dtype:  # e.g. run under autocast
+        if e.autocast != ambient_autocast(x.device.type):  # another precision than the build's
+            return None
+        if e.autocast is None and e.params and e.out.dtype != e.params[0][0].dtype:
             return None
         rx = e.x
         if rx.dtype != x.dtype or rx.shape != x.shape or rx.device != x.device:

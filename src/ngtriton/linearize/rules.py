@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .dropout import DROPOUT_FUNCS, WithoutDropout, math_attention  # noqa: F401 (re-exported)
 from .functions import custom_functions, forward_jvp, functions_without_jvp, not_linearizable
+from .precision import lowp
 
 Cot = Any  # a Tensor, a tuple of (Tensor | None) for tuple-valued nodes, or None
 
@@ -190,6 +191,9 @@ def _active_cotangents(positions: Sequence[int | None],
     return [c.view(shape) for pos, (c, shape) in zip(positions, parts) if pos is not None]
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
 class LinearStep(Step):
     """``σ(x Wᵀ + b)`` on inputs of any rank, through ``ops.linear_jvp``/``ops.linear_vjp``.
 
@@ -201,6 +205,7 @@ class LinearStep(Step):
                  x_slot: int | None, w_slot: int | None, b_slot: int | None,
                  x_shape: torch.Size, out_shape: torch.Size) -> None:
         self.ops = ops
+        x2, weight = lowp(x2, weight)  # under autocast: cast once, here (a no-op otherwise)
         self.x2, self.weight, self.dact = x2, weight, dact
         self.in_slots, (self.xp, self.wp, self.bp) = _positions((x_slot, w_slot, b_slot))
         self.x_shape, self.out_shape = x_shape, out_shape
@@ -219,6 +224,8 @@ class LinearStep(Step):
               else dots[self.xp].reshape(-1, self.in_features).contiguous())
         wd = None if self.wp is None else dots[self.wp]
         bd = None if self.bp is None else dots[self.bp]
+        if self.x2.dtype != self.weight.dtype or self.x2.dtype in _LOW:  # under autocast
+            xd, wd = (None if t is None else lowp(t)[0] for t in (xd, wd))
         if epilogue is None:
             out = self.ops.linear_jvp(self.x2, xd, self.weight, wd, bd, self.dact)
         else:
@@ -228,6 +235,8 @@ class LinearStep(Step):
 
     def vjp(self, g):
         g2 = g.reshape(-1, self.out_features).contiguous()
+        if g2.dtype != self.x2.dtype and self.x2.dtype in _LOW:  # under autocast
+            g2 = lowp(g2)[0]
         gx, gw, gb = self.ops.linear_vjp(self.x2, self.weight, g2, self.dact,
                                          self.xp is not None, self.wp is not None,
                                          self.bp is not None)

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._frames import user_stacklevel
 from ..linearize import ForwardRecord
+from ..linearize.precision import ambient_autocast
 from .atomic import settle, settle_all
 from .inputs import same_tensors
 
@@ -117,13 +118,15 @@ def loss_value(loss: Any) -> float:
 
 class FirstCall:
     """What the closure's first call of a step left: its loss, the model's inputs, the recorded
-    forward, the generators' states from before the call (the trial replays them) and the rows
-    of the model's output (the subsample's batch size)."""
+    forward, the generators' states from before the call (the trial replays them), the rows
+    of the model's output (the subsample's batch size) and the dtype of the ``torch.autocast``
+    the closure ran the model under (None: full precision), which the Fisher's build repeats."""
 
     def __init__(self, loss: Any, args: tuple, kwargs: dict, record: ForwardRecord | None,
-                 rng: list[Tensor], rows: int | None) -> None:
+                 rng: list[Tensor], rows: int | None,
+                 autocast: torch.dtype | None = None) -> None:
         self.loss, self.args, self.kwargs, self.record = loss, args, kwargs, record
-        self.rng, self.rows = rng, rows
+        self.rng, self.rows, self.autocast = rng, rows, autocast
 
 
 class ClosureRunner:
@@ -204,6 +207,7 @@ class ClosureRunner:
             if "args" not in captured and not _redirected(module):
                 check_inputs(args, kwargs)
                 captured["args"], captured["kwargs"] = args, dict(kwargs)
+                captured["autocast"] = ambient_autocast(device.type)
 
         def rows(module: nn.Module, args: tuple, out: Any) -> None:  # the subsample's batch
             if "rows" not in captured and isinstance(out, Tensor) and out.ndim > 0:
@@ -233,7 +237,7 @@ class ClosureRunner:
             raise ValueError("closure: it never called the model passed to NGD, so there are no "
                              "inputs to build the Fisher at")
         return FirstCall(loss, captured["args"], captured["kwargs"], rec, rng,
-                         captured.get("rows"))
+                         captured.get("rows"), captured.get("autocast"))
 
     # --- what the first call left, put back after the step ---
     def keep_after_first_call(self, device: torch.device) -> None:

@@ -80,7 +80,9 @@ class NGD(torch.optim.Optimizer):
     counts examples: a model that emits ``(B, C, T)`` for ``F.cross_entropy`` must move its
     classes last (``(B, T, C)``). The
     right-hand side ``g`` is the parameters' ``.grad`` after the closure plus
-    ``weight_decay·θ``, so anything the closure adds to the loss composes.
+    ``weight_decay·θ``, so anything the closure adds to the loss composes. A closure that runs
+    the model under ``torch.autocast`` gets the Fisher's products under the same autocast (the
+    solve and the step stay fp32; ``docs/mixed_precision.md``).
 
     **The step.** ``(F + λI) n = g`` is solved by :func:`ngtriton.solve` (``method``, ``tol``,
     ``maxiter``), then each parameter group moves by ``−lr·n`` (``lr`` read from the group every

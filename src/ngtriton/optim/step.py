@@ -186,7 +186,8 @@ class _StepRun:
         op = FisherOperator(
             fisher_model, c_args, opt.likelihood, loss=opt.loss, targets=c_targets,
             output=opt.output, fisher=opt.fisher, damping=opt.damping, backend=opt.backend,
-            mc_samples=opt.mc_samples, generator=opt._generator, record=first.record)
+            mc_samples=opt.mc_samples, generator=opt._generator, record=first.record,
+            autocast=first.autocast or False)  # the precision the closure ran the model in
         if self.comm is not None:  # every product averaged over the ranks' examples
             op = distributed.DistributedOperator(op, self.comm)
         return GuardedOperator(op)
