@@ -2,17 +2,23 @@
 block that the Triton backend would run in its own kernels, counted.
 
 The block (d = 768, 12 heads, MLP 4d, two LayerNorms, causal SDPA, batch 1, T = 1024, float32)
-is linearized on the CPU with ``linearize(model, (x,), backend="torch")``: the torch backend
+is linearized on the CPU with ``build_engine(model, (x,), torch_ops_with_vjp())``: the engine
 builds the same Steps, with the same ``ops`` call sites, as the Triton backend, only its ``ops``
-module is :mod:`ngtriton.linearize.ops_torch` (the references the kernels are tested against).
+module holds the torch references the kernels are tested against
+(:mod:`ngtriton.linearize.ops_torch`, plus ``attention_vjp`` =
+:func:`ngtriton.kernels.attention_reference.attention_vjp_reference`, which ops_torch lacks).
+With ``attention_vjp`` in its ops module, ``AttentionStep`` takes the Triton backend's path:
+its forward is ``ops.attention_forward`` (not torch's CPU flash kernel) and its VJP
+``ops.attention_vjp`` (not torch's SDPA backward through an autograd graph).
 One product ``lin.vjp(lin.jvp(v))`` is run under ``torch.utils.flop_counter.FlopCounterMode``
 and a second dispatch mode of ours, and every FLOP is attributed to the region that issued it:
 
 * an ``ops`` call (``linear_jvp``, ``linear_jvp_fvp``, ``linear_vjp``, ``layernorm_jvp``,
-  ``layernorm_vjp``, ``attention_forward``, ``attention_jvp``), which the Triton backend
-  (:mod:`ngtriton.kernels.ops`) sends to a Triton kernel when its dispatch conditions hold;
+  ``layernorm_vjp``, ``attention_forward``, ``attention_jvp``, ``attention_vjp``), which the
+  Triton backend (:mod:`ngtriton.kernels.ops`) sends to a Triton kernel when its dispatch
+  conditions hold;
 * the rest of a Step (its own torch code: the residual adds, the GELU's elementwise steps,
-  reshapes, attention's VJP through torch's SDPA backward), by Step type and direction;
+  reshapes), by Step type and direction;
 * the engine between Steps (cotangent accumulation, the final copies).
 
 Whether an ops call would launch a kernel is decided by running :mod:`ngtriton.kernels.ops`'s
@@ -21,7 +27,11 @@ by stubs that only say which one was chosen, and ``can_launch`` answering as on 
 (same dtype and device for all tensors, float32/float16/bfloat16): scenarios ``cuda-fp32-ieee``
 (torch's default fp32 matmul precision), ``cuda-fp32-tf32`` and ``cuda-bf16`` (the floating
 arguments cast to bfloat16, ``lse``/``rstd`` kept fp32 as a bf16 model has them). Calls that
-fall back count as torch.
+fall back count as torch; for ``attention_vjp`` that is a ``None`` return (no kernel: the
+step then runs torch's SDPA backward, on a GPU a fused kernel forming the same five products
+per score). The attention kernels' head limits (``attention.jvp_head_limit``,
+``attention_backward.vjp_head_limit``) answer as on a GPU, their interpreter branch switched
+off: fp32 heads up to 64 columns (``ieee``) / 128 (``tf32``), 256 for bf16.
 
 What is counted, and how:
 
@@ -35,19 +45,33 @@ What is counted, and how:
 * in-place matmuls (``addmm_``, which ops_torch.linear_jvp uses for its second product, and
   ``baddbmm_``/``addbmm_``): ``FlopCounterMode``'s registry has only the out-of-place ops, so
   it counts them as 0; added analytically by its own formula (``2·M·K·N``);
-* torch's CPU flash-attention backward (``_scaled_dot_product_flash_attention_for_cpu_backward``,
-  the attention VJP on the CPU), which ``FlopCounterMode`` does not count at all (its registry
-  has the CUDA SDPA backwards only): added analytically with torch's own formula
-  (``flop_counter.sdpa_backward_flop_count``: 5 matmuls over the T×S scores, what it counts
-  for the CUDA kernels), plus :data:`SDPA_BWD_EW_PER_PAIR` elementwise FLOPs per score.
+* the attention VJP: the reference's matmuls, counted by ``FlopCounterMode`` (``bmm``) and
+  checked against 5 products of 2·D FLOPs per score it forms (recomputed ``s = q kᵀ``,
+  ``dp = g vᵀ``, ``dv = pᵀ g``, ``dq = ds k``, ``dk = dsᵀ q``; fewer where ``need`` drops
+  one), which over the full score matrix is torch's own count for its SDPA backward
+  (``flop_counter.sdpa_backward_flop_count``); its elementwise steps (scale, ``− lse``,
+  ``exp``, ``− Δ``, ``⊙ p``: 5 per score) by the estimate above;
+* torch's CPU flash-attention backward (``_scaled_dot_product_flash_attention_for_cpu_backward``),
+  reached only by an attention step whose ops module has no ``attention_vjp`` (not here),
+  which ``FlopCounterMode`` does not count at all (its registry has the CUDA SDPA backwards
+  only): added analytically with ``sdpa_backward_flop_count``, plus
+  :data:`SDPA_BWD_EW_PER_PAIR` elementwise FLOPs per score.
 
 Attention is reported in two conventions: ``dense`` counts every (query, key) pair of the T×S
 score matrix (torch's convention for SDPA, causal mask ignored), ``causal`` only the pairs a
 causal mask keeps (T(T+1)/2 per head), which is about what block-skipping GPU kernels (the
-Triton JVP kernel, cuDNN/flash/efficient SDPA backward) execute. The torch reference of the
-attention JVP skips the masked keys by chunk of queries, so its measured count lies between:
-it is reported as ``measured``; the ``dense`` and ``causal`` columns rescale it (and the
-analytic VJP) to the stated pair counts.
+Triton JVP and VJP kernels, cuDNN/flash/efficient SDPA backward) execute. The torch
+references of the attention JVP and VJP skip the masked keys by chunk of queries, so their
+measured count lies between: it is reported as ``measured``; the ``dense`` and ``causal``
+columns rescale it (matmuls by the per-score formula, the elementwise part in proportion) to
+the stated pair counts.
+
+Result (``flops-cpu-2026-12-07``): with the attention VJP in Triton, every ``ops`` call of
+the product launches a kernel in all three scenarios, 99.99 % of the FLOPs (``causal`` and
+``dense`` alike; Hugging Face's block 99.988 %, the nanoGPT block 99.998 %). What stays on
+torch is elementwise Step code: the residual adds' tangents and the engine's final copies
+(1.6 MFLOP), and for Hugging Face's block its GELU (one collapsed ``ElementwiseStep``,
+6.3 MFLOP with its VJP).
 
 Run: ``python benchmarks/bench_flops.py [--quick] [--out DIR] [--threads N] [--model M]``
 writes ``benchmarks/results/flops-<device>-<date>.{json,md}`` (``--quick``: d = 64, T = 64,
@@ -80,11 +104,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from ngtriton.linearize import linearize  # noqa: E402
+from ngtriton.kernels.attention_reference import attention_vjp_reference  # noqa: E402
+from ngtriton.linearize import ops_torch  # noqa: E402
+from ngtriton.linearize.engine import build_engine  # noqa: E402
 
 # ops functions the Triton backend implements as Triton kernels (kernels/ops.py)
 TRITON_OPS = ("linear_jvp", "linear_jvp_fvp", "linear_vjp", "layernorm_jvp", "layernorm_vjp",
-              "attention_forward", "attention_jvp")
+              "attention_forward", "attention_jvp", "attention_vjp")
 SCENARIOS = (("cuda-fp32-ieee", torch.float32, "ieee"), ("cuda-fp32-tf32", torch.float32, "tf32"),
              ("cuda-bf16", torch.bfloat16, "tf32"))
 HEADLINE_SCENARIO = "cuda-fp32-ieee"
@@ -131,6 +157,18 @@ _MATMUL_MISSED: dict[str, Callable[..., int]] = {
     "baddbmm": lambda s, a, b, *_, **__: 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2],
     "addbmm": lambda s, a, b, *_, **__: 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]}
 ELEMENTWISE = dict(zero=sorted(_ZERO), pointwise=_POINTWISE, reduction=_REDUCTION)
+
+
+def torch_ops_with_vjp() -> types.ModuleType:
+    """The torch backend's ops plus ``attention_vjp`` (its torch reference): with it,
+    ``AttentionStep`` takes the Triton backend's path (forward by ``ops.attention_forward``, VJP
+    by ``ops.attention_vjp``) instead of torch's CPU flash kernel and its SDPA backward."""
+    mod = types.ModuleType("ops_torch_with_attention_vjp")
+    for name in ops_torch.__all__:
+        setattr(mod, name, getattr(ops_torch, name))
+    mod.attention_vjp = attention_vjp_reference
+    mod.__all__ = [*ops_torch.__all__, "attention_vjp"]
+    return mod
 
 
 # --- the models -------------------------------------------------------------------------------
@@ -250,7 +288,7 @@ class Elementwise(TorchDispatchMode):
         self.analytic += mm
         self.ew += SDPA_BWD_EW_PER_PAIR * pairs
         self.op_flops[_CPU_SDPA_BWD] += mm + SDPA_BWD_EW_PER_PAIR * pairs
-        self.meter.note(attn=dict(kind="vjp", B=B, H=H, T=T, S=S, D=D, causal=causal,
+        self.meter.note(attn=dict(kind="sdpa_vjp", B=B, H=H, T=T, S=S, D=D, causal=causal,
                                   mm_dense=mm, ew_dense=SDPA_BWD_EW_PER_PAIR * pairs))
 
 
@@ -320,11 +358,37 @@ def _attention_jvp_info(args: tuple, kwargs: dict) -> dict[str, Any]:
     # s = q kᵀ; ds = [dq q]·[k dk]ᵀ (D per tangent present); (p ⊙ ds) v; p dv
     per_pair_mm = 2 * D * (1 + (dq is not None) + (dk is not None)
                            + (dq is not None or dk is not None) + (dv is not None))
-    step = ar._chunk_rows(q, S)
-    ref_pairs = sum((min(T, r0 + step) - r0) * (min(S, min(T, r0 + step)) if causal else S)
-                    for r0 in range(0, T, step))
+    ref_pairs = _reference_pairs(q, S, causal, ar._chunk_rows(q, S))
     return dict(kind="jvp", B=B, H=H, T=T, S=S, D=D, causal=causal, per_pair_mm=per_pair_mm,
                 ref_pairs=B * H * ref_pairs, expected_mm=per_pair_mm * B * H * ref_pairs)
+
+
+def _reference_pairs(q: torch.Tensor, S: int, causal: bool, step: int) -> int:
+    """Scores per head the chunked torch references form: chunks of ``step`` queries, under
+    ``causal`` the keys past a chunk's last query skipped."""
+    T = q.shape[2]
+    return sum((min(T, r0 + step) - r0) * (min(S, min(T, r0 + step)) if causal else S)
+               for r0 in range(0, T, step))
+
+
+def _attention_vjp_info(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Geometry of an attention VJP call, its matmuls per score (those the reference and the
+    FlashAttention-2 kernels form), and the scores the torch reference forms (as the JVP's)."""
+    from ngtriton.kernels import attention_reference as ar
+
+    q, k, v, _o, _lse, g = args[:6]
+    causal = bool(kwargs.get("causal", False))
+    need_q, need_k, need_v = (bool(n) for n in kwargs.get("need", (True, True, True)))
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    # s = q kᵀ (recomputed); dv = pᵀ g; dp = g vᵀ (for ds); dq = ds k; dk = dsᵀ q
+    per_pair_mm = 2 * D * (1 + need_v + (need_q or need_k) + need_q + need_k)
+    ref_pairs = _reference_pairs(q, S, causal, ar._chunk_rows(q, S))
+    # torch's count for its (dense) SDPA backward: the same five products when all are needed
+    torch_dense = fcm.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+    return dict(kind="vjp", B=B, H=H, T=T, S=S, D=D, causal=causal, need=[need_q, need_k, need_v],
+                per_pair_mm=per_pair_mm, ref_pairs=B * H * ref_pairs,
+                expected_mm=per_pair_mm * B * H * ref_pairs, torch_sdpa_bwd_dense=torch_dense)
 
 
 def kept_pairs(T: int, S: int, causal: bool) -> int:
@@ -353,6 +417,8 @@ def instrumented(lin: Any, meter: Meter) -> Iterator[list[dict[str, Any]]]:
                     info["expected_mm"] = _linear_expected(name, args)
                 elif name == "attention_jvp":
                     info["attn"] = _attention_jvp_info(args, kwargs)
+                elif name == "attention_vjp":
+                    info["attn"] = _attention_vjp_info(args, kwargs)
                 return fn(*args, **kwargs)
         return counted
 
@@ -398,7 +464,7 @@ def _stub(what: str, **extra: Any) -> types.ModuleType:
     def chosen(*args, **kwargs):
         raise _Chosen(what)
     for name in (*TRITON_OPS, "attention_forward_reference", "attention_jvp_reference",
-                 "categorical_fvp", "bernoulli_fvp"):
+                 "attention_vjp_reference", "categorical_fvp", "bernoulli_fvp"):
         setattr(mod, name, chosen)
     for k, v in extra.items():
         setattr(mod, k, v)
@@ -426,14 +492,25 @@ def _real_attention() -> types.ModuleType | None:
     return real
 
 
-def _head_limit(real: types.ModuleType | None, dtype: torch.dtype, precision: str) -> int:
-    """kernels.attention.jvp_head_limit on a GPU (its interpreter branch switched off)."""
+def _real_attention_backward() -> types.ModuleType | None:
+    """The Triton attention-VJP module (None without triton), imported before any patching."""
+    try:
+        import ngtriton.kernels.attention_backward as real
+    except ImportError:
+        return None
+    return real
+
+
+def _head_limit(real: types.ModuleType | None, dtype: torch.dtype, precision: str,
+                fn: str = "jvp_head_limit") -> int:
+    """kernels.attention.jvp_head_limit (``fn="vjp_head_limit"``: kernels.attention_backward's)
+    on a GPU (its interpreter branch switched off)."""
     if real is None:  # no triton: the same rule, from its docstring
         return 256 if dtype != torch.float32 else (64 if precision == "ieee" else 128)
     saved = real.INTERPRET
     real.INTERPRET = False
     try:
-        return real.jvp_head_limit(dtype, precision)
+        return getattr(real, fn)(dtype, precision)
     finally:
         real.INTERPRET = saved
 
@@ -445,7 +522,8 @@ def _head_block(D: int) -> int:
 def _cast(name: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
     """The call's floating tensors in ``dtype``; ``lse`` and ``rstd`` (fp32 statistics in a
     half-precision model) kept as they are."""
-    keep = {"attention_jvp": (4,), "layernorm_jvp": (1,), "layernorm_vjp": (1,)}.get(name, ())
+    keep = {"attention_jvp": (4,), "attention_vjp": (4,), "layernorm_jvp": (1,),
+            "layernorm_vjp": (1,)}.get(name, ())
 
     def cast(i, a):
         if isinstance(a, torch.Tensor) and a.is_floating_point() and i not in keep:
@@ -458,7 +536,8 @@ def _cast(name: str, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tup
 
 def decide(call: dict[str, Any], dtype: torch.dtype, precision: str) -> str:
     """``"triton"`` or ``"torch"``: what kernels/ops.py's dispatch picks for this call on a
-    CUDA device, with ``dtype`` operands and fp32 matmul ``precision``."""
+    CUDA device, with ``dtype`` operands and fp32 matmul ``precision``. ``attention_vjp``
+    returning ``None`` (no kernel) is ``"torch"``: the step then runs torch's SDPA backward."""
     import ngtriton.kernels as K
     from ngtriton.kernels import _config
     from ngtriton.kernels import attention_reference as real_ar
@@ -468,12 +547,15 @@ def decide(call: dict[str, Any], dtype: torch.dtype, precision: str) -> str:
     args, kwargs = call["args"], call["kwargs"]
     if dtype != torch.float32:
         args, kwargs = _cast(name, args, kwargs, dtype)
-    real = _real_attention()
+    real, real_bwd = _real_attention(), _real_attention_backward()
     fake_attention = _stub("triton", jvp_head_limit=lambda dt, p: _head_limit(real, dt, p),
                            head_block=_head_block)
+    fake_backward = _stub("triton", head_block=_head_block, vjp_head_limit=lambda dt, p:
+                          _head_limit(real_bwd, dt, p, "vjp_head_limit"))
     fake_ar = _stub("torch", shapes_ok=real_ar.shapes_ok)
     patches = [(K, "linear", _stub("triton")), (K, "layernorm", _stub("triton")),
-               (K, "attention", fake_attention), (K, "attention_reference", fake_ar),
+               (K, "attention", fake_attention), (K, "attention_backward", fake_backward),
+               (K, "attention_reference", fake_ar),
                (K, "output", _stub("triton")), (kops, "_ref", _stub("torch")),
                (kops, "can_launch", _cuda_can_launch)]
     saved = [(obj, attr, getattr(obj, attr, None)) for obj, attr, _ in patches]
@@ -482,7 +564,7 @@ def decide(call: dict[str, Any], dtype: torch.dtype, precision: str) -> str:
         setattr(obj, attr, new)
     _config.set_matmul_precision(precision)
     try:
-        getattr(kops, name)(*args, **kwargs)
+        returned = getattr(kops, name)(*args, **kwargs)
     except _Chosen as chosen:
         return chosen.what
     finally:
@@ -492,6 +574,8 @@ def decide(call: dict[str, Any], dtype: torch.dtype, precision: str) -> str:
             else:
                 setattr(obj, attr, old)
         _config._matmul_precision = saved_precision
+    if name == "attention_vjp" and returned is None:  # no kernel: torch's SDPA backward
+        return "torch"
     raise RuntimeError(f"{name}: the dispatch chose neither a kernel nor the reference")
 
 
@@ -504,11 +588,11 @@ def flops_of(rec: dict[str, Any], convention: str) -> tuple[float, float]:
         return rec["mm"], rec["ew"]
     B, H, T, S = attn["B"], attn["H"], attn["T"], attn["S"]
     pairs = B * H * (kept_pairs(T, S, attn["causal"]) if convention == "causal" else T * S)
-    if attn["kind"] == "jvp":  # rescale the reference's scores to the convention's
+    if attn["kind"] in ("jvp", "vjp"):  # rescale the reference's scores to the convention's
         mm_attn = attn["per_pair_mm"] * pairs
         ratio = pairs / attn["ref_pairs"]
         return rec["mm"] - attn["expected_mm"] + mm_attn, rec["ew"] * ratio
-    dense = B * H * T * S  # vjp: the analytic dense count, scaled to the pairs
+    dense = B * H * T * S  # sdpa_vjp: the analytic dense count, scaled to the pairs
     ratio = pairs / dense
     return (rec["mm"] - attn["mm_dense"] + attn["mm_dense"] * ratio,
             rec["ew"] - attn["ew_dense"] + attn["ew_dense"] * ratio)
@@ -519,7 +603,7 @@ def measure(kind: str, quick: bool) -> dict[str, Any]:
     model = build_model(kind, d, heads, T)
     x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    lin = linearize(model, (x,), backend="torch")
+    lin = build_engine(model, (x,), torch_ops_with_vjp())
     build_s = time.perf_counter() - t0
     if not hasattr(lin, "steps"):
         raise RuntimeError(f"the engine fell back to {type(lin).__name__}")
@@ -541,11 +625,14 @@ def measure(kind: str, quick: bool) -> dict[str, Any]:
     _attach_parents(meter.records, regions)
     steps = Counter(type(st).__name__ for st in lin.steps)
     attn_steps = [st for st in lin.steps if type(st).__name__ == "AttentionStep"]
+    # the VJP went through ops.attention_vjp (no torch graph built) in every attention step
+    vjp_via_ops = all(st.graph_out is None for st in attn_steps)
     return dict(
         model=kind, d=d, heads=heads, T=T, batch=1, dtype="float32",
         params=sum(p.numel() for p in lin.params), steps=dict(steps),
         fallbacks=list(getattr(lin, "fallbacks", [])),
         attention=[dict(causal=st.causal, mask=st.mask is not None) for st in attn_steps],
+        attention_vjp_via_ops=vjp_via_ops,
         build_s=round(build_s, 3), product_s=round(product_s, 3), regions=regions,
         flop_counter_by_op={str(k): v for k, v in meter.fc.get_flop_counts()["Global"].items()},
         estimated_by_op=dict(meter.ew.op_flops.most_common()),
@@ -627,15 +714,22 @@ def to_target(regions: list[dict[str, Any]], conv: str, total: float) -> dict[st
 
 def checks(result: dict[str, Any]) -> dict[str, Any]:
     """Consistency: FlopCounterMode's Linear counts equal the analytic ones, the attention
-    JVP reference's equal its per-score formula, the buckets sum to the total."""
+    JVP and VJP references' equal their per-score formulas (the VJP's, over the full score
+    matrix, also torch's count for its SDPA backward), the buckets sum to the total."""
     lin_ok = all(r["mm"] == r["expected_mm"] for r in result["regions"]
                  if r.get("op", "") and r["op"].startswith("linear"))
     attn_ok = all(r["mm"] == r["attn"]["expected_mm"] for r in result["regions"]
                   if r.get("op") == "attention_jvp")
+    vjps = [r for r in result["regions"] if r.get("op") == "attention_vjp"]
+    vjp_ok = bool(vjps) and all(
+        r["mm"] == r["attn"]["expected_mm"]
+        and (not all(r["attn"]["need"]) or r["attn"]["per_pair_mm"] * r["attn"]["B"]
+             * r["attn"]["H"] * r["attn"]["T"] * r["attn"]["S"]
+             == r["attn"]["torch_sdpa_bwd_dense"]) for r in vjps)
     sums_ok = all(math.isclose(sum(b["flops"] for b in s["buckets"].values()), s["total"],
                                rel_tol=1e-9) for s in result["summary"].values())
     return dict(linear_matmuls_match_analytic=lin_ok, attention_jvp_matches_formula=attn_ok,
-                buckets_sum_to_total=sums_ok)
+                attention_vjp_matches_formula=vjp_ok, buckets_sum_to_total=sums_ok)
 
 
 def _g(f: float) -> str:
@@ -647,9 +741,10 @@ def render(report: dict[str, Any]) -> str:
     lines += [f"- **{k}**: {v}" for k, v in report["machine"].items()]
     lines += [f"- **target**: {TARGET:.0%} of the product's FLOPs in Triton kernels; headline "
               f"scenario `{HEADLINE_SCENARIO}`, attention convention `{HEADLINE_CONVENTION}`",
-              "", "Product: `lin.vjp(lin.jvp(v))` of the block's linearization (torch "
-              "backend: the Triton backend's Steps and ops call sites, the torch references "
-              "inside). GFLOP = 1e9 FLOPs; a multiply-add is 2 FLOPs. See the module "
+              "", "Product: `lin.vjp(lin.jvp(v))` of the block's linearization (the Triton "
+              "backend's Steps and ops call sites, the torch references inside: "
+              "`ops_torch` plus `attention_vjp_reference` as `ops.attention_vjp`). GFLOP = 1e9 "
+              "FLOPs; a multiply-add is 2 FLOPs. See the module "
               "docstring of benchmarks/bench_flops.py for what is counted and how.", ""]
     for res in report["results"]:
         if "error" in res:
@@ -659,23 +754,24 @@ def render(report: dict[str, Any]) -> str:
                   f"batch 1, fp32 ({res['params']:,} parameters)", "",
                   f"Steps: {', '.join(f'{k} ×{v}' for k, v in res['steps'].items())}; "
                   f"per-node fallbacks: {res['fallbacks'] or 'none'}; attention: "
-                  f"{res['attention']}; product {res['product_s']} s on the CPU (counting "
-                  "on).", "",
+                  f"{res['attention']}, VJP through `ops.attention_vjp`: "
+                  f"{res.get('attention_vjp_via_ops', False)}; product {res['product_s']} s on "
+                  "the CPU (counting on).", "",
                   "| attention convention | total GFLOP | matmul | elementwise | "
                   + " | ".join(f"share in Triton, {s}" for s, *_ in SCENARIOS) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(SCENARIOS)]
         for conv, s in res["summary"].items():
             lines.append(f"| {conv} | {_g(s['total'])} | {_g(s['matmul'])} | "
                          f"{_g(s['elementwise'])} | "
-                         + " | ".join(f"{s['scenarios'][n]['share']:.2%}"
+                         + " | ".join(f"{s['scenarios'][n]['share']:.3%}"
                                       for n, *_ in SCENARIOS) + " |")
         head = res["summary"][HEADLINE_CONVENTION]
         share = head["scenarios"][HEADLINE_SCENARIO]["share"]
         dense_share = res["summary"]["dense"]["scenarios"][HEADLINE_SCENARIO]["share"]
         missed = {k: res["estimated_by_op"].get(k, 0)
                   for k in res["ops_by_method"].get("analytic", {})}
-        lines += ["", f"**Share in Triton kernels: {share:.2%}** (`{HEADLINE_CONVENTION}`, "
-                  f"`{HEADLINE_SCENARIO}`; {dense_share:.2%} with `dense` attention): the "
+        lines += ["", f"**Share in Triton kernels: {share:.3%}** (`{HEADLINE_CONVENTION}`, "
+                  f"`{HEADLINE_SCENARIO}`; {dense_share:.3%} with `dense` attention): the "
                   f"{TARGET:.0%} target is {'met' if share >= TARGET else 'not met'}. "
                   "FLOPs FlopCounterMode did not count, added analytically: "
                   + ", ".join(f"`{k}` {_g(v)} GFLOP" + (" (dense)" if "attention" in k else "")
@@ -693,7 +789,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"| {key} | {b['calls']} | {_g(b['flops'])} | {_g(b['mm'])} | "
                          f"{_g(b['ew'])} | {b['share']:.2%} | {where} |")
         tt = head["to_target"]
-        lines += ["", f"To reach {TARGET:.0%} (`{HEADLINE_CONVENTION}`, "
+        left = ", ".join(f"`{k}` {v / 1e6:.3f} MFLOP" for k, v in tt["torch_side"].items())
+        lines += ["", f"Left on torch (`{HEADLINE_CONVENTION}`, `{HEADLINE_SCENARIO}`): "
+                  f"{left or 'nothing'}.", "",
+                  f"To reach {TARGET:.0%} (`{HEADLINE_CONVENTION}`, "
                   f"`{HEADLINE_SCENARIO}`): "
                   + ("already reached." if not tt["moves"] else
                      "; ".join(f"move `{m['bucket']}` ({_g(m['flops'])} GFLOP) → "

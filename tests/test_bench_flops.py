@@ -28,6 +28,7 @@ def test_checks(result):
     assert all(result["checks"].values()), result["checks"]
     assert not result["fallbacks"]
     assert result["attention"] == [dict(causal=True, mask=False)]
+    assert result["attention_vjp_via_ops"]  # ops.attention_vjp, not torch's SDPA backward
     # nothing went uncounted: every op is FlopCounterMode's, analytic, estimated or no-FLOP
     assert not result["ops_by_method"].get("unknown")
     assert "addmm_" in result["ops_by_method"]["analytic"]  # FlopCounterMode misses it
@@ -42,14 +43,31 @@ def test_linear_flops_analytic(result):
 
 
 def test_attention_vjp_analytic(result):
+    """The attention VJP is an ops call (the region the Triton kernels take), its matmuls
+    FlopCounterMode's count of the reference, 5 products of 2·D per score; the Step itself
+    runs nothing (no SDPA backward)."""
     d, T = result["d"], result["T"]
-    (vjp,) = [r for r in result["regions"] if r.get("step") == "AttentionStep"
-              and r.get("dir") == "vjp" and not r.get("op")]
-    # torch's formula: 5 matmuls over the T×T scores, H·D = d
-    assert vjp["attn"]["mm_dense"] == 5 * 2 * T * T * d
+    (vjp,) = [r for r in result["regions"] if r.get("op") == "attention_vjp"]
+    assert (vjp["step"], vjp["dir"]) == ("AttentionStep", "vjp")
+    a = vjp["attn"]
+    assert a["kind"] == "vjp" and a["need"] == [True, True, True]
+    assert vjp["mm"] == vjp["mm_counter"] == a["expected_mm"] > 0
+    # at this size one chunk of queries holds every key: the reference forms all T×T scores
+    assert a["ref_pairs"] == a["B"] * a["H"] * T * T
+    # torch's formula for its SDPA backward: 5 matmuls over the T×T scores, H·D = d
+    assert a["torch_sdpa_bwd_dense"] == 5 * 2 * T * T * d == vjp["mm"]
+    assert vjp["ew"] > 0
     mm_dense, _ = B.flops_of(vjp, "dense")
     mm_causal, _ = B.flops_of(vjp, "causal")
+    assert mm_dense == a["torch_sdpa_bwd_dense"]
     assert mm_causal == pytest.approx(mm_dense * (T + 1) / (2 * T))
+    (step,) = [r for r in result["regions"] if r.get("step") == "AttentionStep"
+               and r.get("dir") == "vjp" and not r.get("op")]
+    assert step["mm"] == step["ew"] == 0 and "attn" not in step
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" not in str(
+        result["ops_by_method"])
+    # GPT's causal attention at D = d/heads = 16 ≤ every head limit: the VJP kernels take it
+    assert vjp["decisions"] == {s: "triton" for s, *_ in B.SCENARIOS}
 
 
 def test_shares(result):
@@ -82,6 +100,20 @@ def test_decisions():
     assert B.decide(att, torch.float32, "ieee") == "torch"
     assert B.decide(att, torch.float32, "tf32") == "triton"
     assert B.decide(att, torch.bfloat16, "ieee") == "triton"
+    # the VJP kernels: the same head limits (64 fp32 ieee, 128 tf32); lse stays fp32 in bf16;
+    # no kernel (ops.attention_vjp returns None) is torch's SDPA backward
+    vjp = dict(op="attention_vjp", args=(q, q, q, q, lse, q),
+               kwargs=dict(scale=None, causal=True, mask=None, need=(True, True, True)))
+    assert B.decide(vjp, torch.float32, "ieee") == "torch"
+    assert B.decide(vjp, torch.float32, "tf32") == "triton"
+    assert B.decide(vjp, torch.bfloat16, "ieee") == "triton"
+    q64 = torch.randn(1, 2, 8, 64)
+    vjp64 = dict(op="attention_vjp", args=(q64, q64, q64, q64, lse, q64), kwargs=dict(
+        causal=True))
+    assert B.decide(vjp64, torch.float32, "ieee") == "triton"  # GPT-2's heads
+    vjp_f64 = dict(op="attention_vjp", args=tuple(a.double() for a in vjp64["args"]),
+                   kwargs=dict(causal=True))
+    assert B.decide(vjp_f64, torch.float32, "ieee") == "torch"
 
 
 def test_files(result, tmp_path):
