@@ -152,3 +152,30 @@ def test_attention_runs_its_forward_jvp_and_vjp_kernels(monkeypatch):
     close(op @ v, ref @ v, torch.float32)
     close(op.gradient(), ref.gradient(), torch.float32)
     assert set(calls) == {"attention_forward", "attention_jvp", "attention_vjp"}, calls
+
+
+def test_autocast_products_run_in_the_kernels(monkeypatch):
+    """Under fp16 autocast (bf16 on CUDA) the Linear and attention products take the kernels,
+    in that precision, and agree with the torch backend under the same autocast."""
+    low = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
+    torch.manual_seed(2)
+    model = _TinyAttention().to(DEVICE)
+    idx = torch.randint(0, 11, (3, 9), device=DEVICE)
+    y = torch.randint(0, 11, (27,), device=DEVICE)
+    calls: dict[str, int] = {}
+    seen: set[torch.dtype] = set()
+    original = k_linear.linear_jvp
+
+    def jvp(x, *args, **kwargs):
+        seen.add(x.dtype)
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(k_linear, "linear_jvp", jvp)
+    counting(monkeypatch, k_linear, "linear_vjp", calls)
+    ref = FisherOperator(model, idx, targets=y, backend="torch", autocast=low)
+    op = FisherOperator(model, idx, targets=y, backend="triton", autocast=low)
+    v = torch.randn(op.num_params, device=DEVICE) / 4
+    got, want = op @ v, ref @ v
+    assert got.dtype == torch.float32  # the solver's side stays fp32
+    close(got, want, torch.float16)
+    assert seen == {low} and calls.get("linear_vjp", 0) > 0, (seen, calls)

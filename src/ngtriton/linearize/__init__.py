@@ -79,9 +79,9 @@ def _linearize(model: nn.Module, inputs: Sequence[object], resolved: str,
         return AutogradLinearization(model, inputs, output, autocast=precision or False)
     from .engine import EngineUnsupported, build_engine
 
-    if resolved == "triton" and precision is None:
+    if resolved == "triton":  # under autocast the kernels take the low-precision operands
         from ..kernels import ops
-    else:  # under autocast torch's ops (the Triton kernels' bf16 path is not wired up yet)
+    else:
         from . import ops_torch as ops
     try:
         return build_engine(model, inputs, ops, record=record, output=output,

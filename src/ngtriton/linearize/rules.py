@@ -225,7 +225,8 @@ class LinearStep(Step):
         wd = None if self.wp is None else dots[self.wp]
         bd = None if self.bp is None else dots[self.bp]
         if self.x2.dtype != self.weight.dtype or self.x2.dtype in _LOW:  # under autocast
-            xd, wd = (None if t is None else lowp(t)[0] for t in (xd, wd))
+            # one dtype for every operand, so that the Triton kernels can take the call
+            xd, wd, bd = (None if t is None else lowp(t)[0] for t in (xd, wd, bd))
         if epilogue is None:
             out = self.ops.linear_jvp(self.x2, xd, self.weight, wd, bd, self.dact)
         else:
