@@ -24,21 +24,16 @@ from torch import Tensor, nn
 from torch.fx.node import Node, map_arg
 from torch.utils import _pytree as pytree
 
+from .arithmetic import arith_kind, build_arith
 from .base import EngineUnsupported
 from .classify import (
     _ACT_FUNCS,
     _ACT_METHODS,
-    _ADD_FUNCS,
-    _ARITH_METHODS,
-    _DIV_FUNCS,
     _DROPOUT_MODULES,
     _LINEAR_FUNCS,
     _LINEAR_METHODS,
-    _MUL_FUNCS,
-    _NEG_FUNCS,
     _RESHAPE_FUNCS,
     _RESHAPE_METHODS,
-    _SUB_FUNCS,
     _arg,
     _embedding_ok,
     _method_name,
@@ -56,16 +51,13 @@ from .record import ForwardRecord
 from .rules import (
     DROPOUT_FUNCS,
     Activation,
-    AddStep,
     AutogradStep,
     ElementwiseStep,
     EmbeddingStep,
     IdentityStep,
     LayerNormStep,
     LinearStep,
-    ProductStep,
     ReshapeStep,
-    ScaleStep,
     Step,
     TupleItemStep,
     WithoutDropout,
@@ -498,8 +490,8 @@ class _Builder:
             if x_slot is not None:
                 self._add(node, IdentityStep(x_slot), x)
                 return
-        kind = self._arith_kind(node, name)
-        if kind is not None and self._arith(node, kind):
+        kind = arith_kind(node, name)
+        if kind is not None and build_arith(self, node, kind):
             return
         if (op == "call_function" and t is operator.getitem
                 and isinstance(self.values.get(node.args[0]), (tuple, list))):
@@ -553,70 +545,6 @@ class _Builder:
         fn = self._closure(node, run, active, consts)
         self._autograd(node, fn, [self.values[n] for n in active],
                        [self.slots[n] for n in active])
-
-    # -- arithmetic -----------------------------------------------------------------------------
-    def _arith_kind(self, node: Node, name: str | None) -> str | None:
-        if name is not None:
-            return _ARITH_METHODS.get(name)
-        if node.op != "call_function":
-            return None
-        t = as_torch(node.target)
-        try:
-            if t in _ADD_FUNCS:
-                return "add"
-            if t in _SUB_FUNCS:
-                return "sub"
-            if t in _MUL_FUNCS:
-                return "mul"
-            if t in _DIV_FUNCS:
-                return "div"
-            if t in _NEG_FUNCS:
-                return "neg"
-        except TypeError:
-            return None
-        return None
-
-    def _arith(self, node: Node, kind: str) -> bool:
-        """Build add/sub/mul/div/neg; False when the pattern needs the generic fallback."""
-        a_arg = _arg(node, 0, "input")
-        a, a_slot = self._src(a_arg)
-        run = self._runner(node, out_of_place=True)
-        if kind == "neg":
-            out = run(self._val(node.args), self._val(node.kwargs))
-            self._add(node, ScaleStep(a_slot, -1.0, False, a.shape, out.shape), out)
-            return True
-        b_arg = _arg(node, 1, "other")
-        b, b_slot = self._src(b_arg)
-        extra = set(node.kwargs) - {"input", "other", "alpha"}
-        if extra or not all(isinstance(v, (Tensor, int, float)) for v in (a, b)):
-            return False
-        if kind == "div" and (b_slot is not None or _arg(node, 2, "rounding_mode") is not None):
-            return False
-        alpha = node.kwargs.get("alpha", 1)
-        if isinstance(alpha, Node) or (len(node.args) > 2 and kind in ("add", "sub")):
-            return False
-        out = run(self._val(node.args), self._val(node.kwargs))
-        if not _is_float(out):
-            return False
-        if kind in ("add", "sub"):
-            coef_b = float(alpha) * (-1.0 if kind == "sub" else 1.0)
-            slots, coefs, shapes = [], [], []
-            for v, s, c in ((a, a_slot, 1.0), (b, b_slot, coef_b)):
-                if s is not None:
-                    slots.append(s)
-                    coefs.append(c)
-                    shapes.append(v.shape)
-            self._add(node, AddStep(slots, coefs, shapes, out.shape), out)
-            return True
-        if a_slot is not None and b_slot is not None:
-            self._add(node, ProductStep(a_slot, b_slot, a, b), out)
-            return True
-        if a_slot is None:
-            a, b, a_slot = b, a, b_slot
-        if not isinstance(a, Tensor):
-            return False
-        self._add(node, ScaleStep(a_slot, b, kind == "div", a.shape, out.shape), out)
-        return True
 
 
 def _target_name(node: Node) -> str:
