@@ -45,7 +45,6 @@ import torch
 if not torch.cuda.is_available():  # before Triton is imported: it reads this at import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -53,6 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
+
+from zoo import GPT  # noqa: E402  (the GPT block stack of the GPU check)
 
 from ngtriton import FisherOperator  # noqa: E402
 from ngtriton.solvers import _vecops as vo  # noqa: E402
@@ -199,40 +200,6 @@ def gpu_loop() -> Iterator[None]:
 
 
 # --- models ------------------------------------------------------------------------------------
-
-class Block(nn.Module):
-    """A pre-LayerNorm GPT block: causal attention (scaled_dot_product_attention) + MLP."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
-        q, k, v = (t.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
-                   for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.emb(idx) + self.pos[: idx.shape[1]]
-        return self.head(self.ln(self.blocks(h))).flatten(0, 1)
-
 
 def models(dry: bool) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
     """(name, model, inputs, targets): the counts depend on the structure, not the sizes, so

@@ -59,3 +59,37 @@ def spy(monkeypatch: pytest.MonkeyPatch, targets: list[tuple[object, str]]) -> l
 
         monkeypatch.setattr(mod, name, wrapped)
     return calls
+
+
+def attention_mask(kind: str, B: int, H: int, T: int, S: int, gen: torch.Generator,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """An attention test mask: None, a key-padding mask (B, 1, 1, S) (``"bool_pad"``, or
+    ``"add_pad"`` additive with -inf), or a full additive bias (B, H, T, S) (``"add_full"``).
+    Batch 0 pads its last three keys; batch 1 its first key (which fully masks row 0 under
+    causal)."""
+    if kind == "none":
+        return None
+    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    keep[0, ..., S - 3:] = False
+    keep[1, ..., 0] = False
+    if kind == "bool_pad":
+        return keep.to(DEVICE)
+    if kind == "add_pad":
+        return torch.zeros(B, 1, 1, S, dtype=dtype).masked_fill(~keep, float("-inf")).to(DEVICE)
+    if kind == "add_full":
+        return torch.randn(B, H, T, S, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    raise ValueError(kind)
+
+
+def sdpa_mask(mask: torch.Tensor | None, causal: bool, T: int, S: int) -> torch.Tensor | None:
+    """The explicit mask torch's SDPA gets for ``mask`` under ``causal`` (it refuses attn_mask
+    together with is_causal): the lower triangle folded in."""
+    if not causal:
+        return mask
+    tri = torch.ones(T, S, dtype=torch.bool, device=DEVICE).tril()
+    if mask is None:
+        return tri
+    if mask.dtype == torch.bool:
+        return mask & tri
+    return mask + torch.zeros(T, S, dtype=mask.dtype, device=DEVICE).masked_fill(~tri,
+                                                                                 -float("inf"))

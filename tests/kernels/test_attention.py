@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import DEVICE, randn, spy
+from kernel_helpers import DEVICE, attention_mask, randn, sdpa_mask, spy
 
 from ngtriton.kernels import attention_reference as R
 from ngtriton.kernels import ops
@@ -37,20 +37,7 @@ TANGENTS = ["qkv", "q", "k", "v", "qk", "none"]
 
 
 def _masks(kind: str, T: int, S: int, gen: torch.Generator, dtype=torch.float64):
-    """None, a key-padding mask (B, 1, 1, S) (boolean, or additive with -inf), or a full
-    additive bias (B, H, T, S)."""
-    if kind == "none":
-        return None
-    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    keep[0, ..., S - 3:] = False  # batch 0: the last three keys are padding
-    keep[1, ..., 0] = False  # batch 1: the first key (fully masks row 0 under causal)
-    if kind == "bool_pad":
-        return keep.to(DEVICE)
-    if kind == "add_pad":
-        return torch.zeros(B, 1, 1, S, dtype=dtype).masked_fill(~keep, float("-inf")).to(DEVICE)
-    if kind == "add_full":
-        return (torch.randn(B, H, T, S, generator=gen, dtype=torch.float64)).to(DEVICE, dtype)
-    raise ValueError(kind)
+    return attention_mask(kind, B, H, T, S, gen, dtype)
 
 
 def _inputs(T: int, S: int, D: int, tangents: str, gen: torch.Generator,
@@ -61,16 +48,7 @@ def _inputs(T: int, S: int, D: int, tangents: str, gen: torch.Generator,
     return q, k, v, dq, dk, dv
 
 
-def _combined(mask: torch.Tensor | None, causal: bool, T: int, S: int) -> torch.Tensor | None:
-    """The explicit mask torch's SDPA gets (it refuses attn_mask together with is_causal)."""
-    if not causal:
-        return mask
-    tri = torch.ones(T, S, dtype=torch.bool, device=DEVICE).tril()
-    if mask is None:
-        return tri
-    if mask.dtype == torch.bool:
-        return mask & tri
-    return mask + torch.zeros(T, S, dtype=mask.dtype, device=DEVICE).masked_fill(~tri, -math.inf)
+_combined = sdpa_mask
 
 
 def oracle(q, k, v, dq, dk, dv, *, scale, causal, mask):
