@@ -348,3 +348,142 @@ def test_batch_norm_in_train_mode_through_the_capture():
         assert torch.equal(v, before[k]), k
     assert any(type(s).__name__ == "BatchNormStep" for s in lin.steps)
     exact(model, (x,), oracle)
+
+
+class _Fp32Island(nn.Module):
+    """An fp32 stretch inside a lower- or higher-precision model (Hugging Face's RMSNorm and
+    eager attention do this): tangents and cotangents must follow the dtype changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 100:  # fx cannot trace this: the ATen capture takes it
+            return x
+        h = self.a(x)
+        r = torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (h * r).to(x.dtype)
+        g = self.b(x)
+        p = torch.softmax(h @ g.transpose(-1, -2), -1, dtype=torch.float32).to(x.dtype)
+        return self.c(p @ g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F64])
+def test_dtype_changes_inside_the_model(dtype):
+    from ngtriton.linearize import AutogradLinearization
+
+    torch.manual_seed(8)
+    model = _Fp32Island().to(dtype)
+    x = torch.randn(2, 5, 4, dtype=dtype)
+    lin = linearize(model, (x,), backend="torch")
+    ref = AutogradLinearization(model, (x,))
+    v = [torch.randn_like(p) for p in lin.params]
+    u = torch.randn_like(ref.outputs)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin.jvp(v).float(), ref.jvp(v).float(), **tol)
+    for got, want in zip(lin.vjp(u), ref.vjp(u)):
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+# -- what a cached graph depends on (found by review: each was a silent wrong answer) ----------
+
+def _outputs_and_jvp_error(model, x):
+    lin = linearize(model, (x,), backend="torch")
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    v = tuple(torch.randn_like(p) for p in params)
+    out, ref = torch.func.jvp(
+        lambda *ps: torch.func.functional_call(model, dict(zip(names, ps)), (x,)), params, v)
+    return (float((lin.outputs - out).norm() / out.norm()),
+            float((lin.jvp(list(v)) - ref).norm() / ref.norm()))
+
+
+def test_a_cached_graph_follows_dict_list_and_tensor_attributes():
+    class Scaled(nn.Module):  # fx path: a dict and a list of numbers
+        def __init__(self):
+            super().__init__()
+            self.lin, self.cfg, self.scales = nn.Linear(4, 4), {"k": 1.0}, [1.0, 2.0]
+
+        def forward(self, x):
+            return self.lin(x) * self.cfg["k"] * self.scales[1]
+
+    class Weighted(nn.Module):  # capture path: a plain tensor attribute
+        def __init__(self):
+            super().__init__()
+            self.lin, self.t = nn.Linear(4, 4), torch.ones(4, dtype=F64)
+
+        def forward(self, x):
+            if x.shape[0] > 100:
+                raise ValueError("batch too large")
+            return self.lin(x) * self.t
+
+    x = torch.randn(3, 4, dtype=F64)
+    scaled, weighted = Scaled().to(F64), Weighted().to(F64)
+    _outputs_and_jvp_error(scaled, x)
+    scaled.cfg["k"], scaled.scales[1] = 5.0, 3.0
+    assert max(_outputs_and_jvp_error(scaled, x)) < 1e-12
+    _outputs_and_jvp_error(weighted, x)
+    weighted.t = torch.full((4,), 2.0, dtype=F64)
+    assert max(_outputs_and_jvp_error(weighted, x)) < 1e-12
+
+
+def test_a_buffer_read_as_a_number_is_read_at_every_build():
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("temp", torch.tensor(2.0, dtype=F64))
+
+        def forward(self, x):
+            return self.lin(x) / self.temp.item()
+
+    model, x = Tempered().to(F64), torch.randn(3, 4, dtype=F64)
+    _outputs_and_jvp_error(model, x)
+    model.temp.fill_(5.0)
+    assert max(_outputs_and_jvp_error(model, x)) < 1e-12
+
+
+def test_the_fallback_after_a_failed_build_sees_the_buffers_as_they_were():
+    class WritesItsBuffer(nn.Module):  # a view of a buffer read after an in-place write
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 3)
+            self.register_buffer("b", torch.zeros(4, dtype=F64))
+
+        def forward(self, x):
+            view = self.b[:2]
+            self.b.add_(1.0)
+            if x.shape[0] > 100:
+                raise ValueError("batch too large")
+            return self.lin(x[:, :2] * view)
+
+    from ngtriton.linearize import AutogradLinearization
+
+    torch.manual_seed(3)
+    model, x = WritesItsBuffer().to(F64), torch.randn(3, 2, dtype=F64)
+    with pytest.warns(UserWarning, match="falling back"):
+        lin = linearize(model, (x,), backend="torch")
+    torch.testing.assert_close(lin.outputs, AutogradLinearization(model, (x,)).outputs)
+
+
+def test_a_model_cast_after_its_capture_is_captured_again():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids).to(self.lin.weight.dtype)
+            if ids.shape[0] > 100:
+                raise ValueError("batch too large")
+            return self.lin(h)
+
+    model, ids = Tokens(), torch.randint(0, 50, (2, 7))
+    linearize(model, (ids,), backend="torch")
+    model.double()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*falling back")
+        lin = linearize(model, (ids,), backend="torch")
+    assert lin.outputs.dtype == F64

@@ -83,9 +83,10 @@ def _linearize(model: nn.Module, inputs: Sequence[object], resolved: str,
         from ..kernels import ops
     else:
         from . import ops_torch as ops
-    try:
-        return build_engine(model, inputs, ops, record=record, output=output,
-                            autocast=precision or False)
+    try:  # a failed build may have written buffers before it failed: put them back first
+        with buffers_kept(model):
+            return build_engine(model, inputs, ops, record=record, output=output,
+                                autocast=precision or False)
     except EngineUnsupported as err:
         reason = err
     # Warned only once the fallback has run: a model that fails on these inputs anyway (a

@@ -146,6 +146,8 @@ class _Builder:
     def _add(self, node: Node, step: Step, value: Any) -> None:
         step.out_slot = self.n_slots
         step.label = node.name
+        step.out_dtype = (value.dtype if isinstance(value, Tensor) and value.is_floating_point()
+                          else None)
         self.n_slots += 1
         self.slots[node] = step.out_slot
         self.steps.append(step)

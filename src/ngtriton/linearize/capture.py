@@ -116,7 +116,9 @@ def _key(model: nn.Module, inputs: Sequence[Any], output: OutputSelector) -> Any
         modules.append((name, id(m), type(m), m.training, _plain(m), _attributes(m), extra))
     hooks = torch.nn.modules.module
     precision = tuple(ambient_autocast(d) for d in ("cpu", "cuda"))  # an export under autocast
-    return (tuple(modules), tuple(described), spec, repr(output),
+    tensors = tuple((t.dtype, t.device, t.requires_grad) for t in (
+        *model.parameters(), *model.buffers()))  # .double(), .to(device), freezing
+    return (tuple(modules), tuple(described), spec, repr(output), tensors,
             len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks), precision)
 
 
@@ -146,10 +148,21 @@ def capture(model: nn.Module, inputs: Sequence[Any], output: OutputSelector = No
     owned = dict(model.named_parameters(remove_duplicate=False))
     owned.update(model.named_buffers(remove_duplicate=False))
     consts = getattr(graph, "_ngtriton_constants", {})
-    flat: list[Any] = [consts[name] if name in consts else owned[name.removeprefix("m.")]
-                       for name in names]
+    flat: list[Any] = [_live(model, name, consts) if name in consts
+                       else owned[name.removeprefix("m.")] for name in names]
     flat.extend(pytree.tree_leaves(tuple(inputs)))
     return Captured(graph, tuple(flat))
+
+
+def _live(model: nn.Module, name: str, consts: dict[str, Any]) -> Any:
+    """A lifted constant's value now: a tensor attribute of the model (``self.t = ...``, read
+    anew, as it may have been replaced), else the tensor the forward made at capture."""
+    obj: Any = model
+    for part in name.removeprefix("m.").split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return consts[name]
+    return obj if isinstance(obj, Tensor) else consts[name]
 
 
 def _keep(entries: OrderedDict[Any, Any], key: Any, value: Any) -> None:

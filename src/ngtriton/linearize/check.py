@@ -52,5 +52,6 @@ def _agrees(eager: Any, outputs: Tensor, precision: torch.dtype | None = None) -
     tol = math.sqrt(torch.finfo(precision or outputs.dtype).eps)
     if float((got - eager).norm()) > tol * max(float(eager.norm()), 1e-30):
         raise EngineUnsupported("the traced graph computes another function than the model "
-                                "(does forward test isinstance(..., Tensor) of an input?)")
+                                "(does forward test isinstance(..., Tensor) of an input, or read "
+                                "through a view what it writes in place?)")
     return True

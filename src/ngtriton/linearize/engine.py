@@ -111,6 +111,12 @@ class EngineLinearization:
                 frees[i].append(s)
         self._plan = [(step, step.in_slots, step.out_slot, tuple(f))
                       for step, f in zip(steps, frees)]
+        # each slot's dtype (its value's, or its parameter's): where a model changes dtype
+        # (an fp32 island in a bf16 model), tangents and cotangents follow it
+        self._slot_dtypes: list[torch.dtype | None] = [p.dtype for p in params]
+        self._slot_dtypes += [None] * (n_slots - len(params))
+        for step in steps:
+            self._slot_dtypes[step.out_slot] = getattr(step, "out_dtype", None)
         # the step that writes the output (the one an output epilogue goes to), if any
         self._out_step = next((i for i, st in enumerate(steps) if st.out_slot == out_slot), -1)
 
@@ -168,7 +174,11 @@ class EngineLinearization:
         vals[:len(tangents)] = tangents
         for i, (step, ins, out, free) in enumerate(self._plan):
             args = [vals[s] for s in ins]
-            vals[out] = step.jvp(args) if i != fused else step.jvp(args, epilogue)
+            t = step.jvp(args) if i != fused else step.jvp(args, epilogue)
+            dtype = self._slot_dtypes[out]
+            if dtype is not None and isinstance(t, Tensor) and t.dtype != dtype:
+                t = t.to(dtype)  # a tangent in its value's dtype (a model's dtype changes)
+            vals[out] = t
             for s in free:
                 vals[s] = None
         res = vals[self._out_slot]
@@ -205,6 +215,9 @@ class EngineLinearization:
             cots[out] = None
             for s, c in zip(ins, step.vjp(g)):
                 if c is not None:
+                    dtype = self._slot_dtypes[s]
+                    if dtype is not None and isinstance(c, Tensor) and c.dtype != dtype:
+                        c = c.to(dtype)  # a cotangent in its input's dtype
                     _accumulate(cots, owned, s, c)
         grads = []
         for i, p in enumerate(self.params):

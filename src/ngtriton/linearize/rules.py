@@ -149,6 +149,7 @@ class Step:
     in_slots: tuple[int, ...] = ()
     out_slot: int = -1
     label: str = ""
+    out_dtype: torch.dtype | None = None  # the value's dtype (tangents are cast to it)
 
     def jvp(self, dots: Sequence[Any]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError

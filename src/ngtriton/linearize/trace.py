@@ -28,6 +28,10 @@ from .state import buffers_kept as _buffers_kept
 
 
 class _Tracer(fx.Tracer):
+    # buffers read in a traced-through forward become graph nodes, read at every build: a
+    # ``buffer.item()`` or ``float(buffer)`` is then evaluated anew, never baked into the trace
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -204,12 +208,39 @@ _KEYS = (*_SCALARS, complex, enum.Enum, torch.dtype, torch.device, torch.Size)  
 
 
 def _attributes(m: nn.Module) -> tuple:
-    """The plain Python attributes of ``m`` (numbers, strings, flags, None, tuples of them): a
-    traced-through ``forward`` that reads one is specialised to its value by the trace, so a
-    change must invalidate the cached graph. (Leaf modules are read when a build runs.)"""
-    return tuple((k, v) for k, v in vars(m).items()
-                 if isinstance(v, _SCALARS) or (isinstance(v, tuple)
-                                                 and all(isinstance(e, _SCALARS) for e in v)))
+    """The plain Python attributes of ``m`` (numbers, strings, flags, None, and tuples, lists
+    and dicts of them, copied), and the shape, dtype and device of its tensor attributes that
+    are neither parameters nor buffers: a traced-through ``forward`` that reads one is
+    specialised to it by the trace, so a change must invalidate the cached graph. (Leaf modules
+    are read when a build runs.)"""
+    out = []
+    for k, v in vars(m).items():
+        if isinstance(v, Tensor):
+            out.append((k, Tensor, tuple(v.shape), v.dtype, v.device))
+            continue
+        plain = _plain_value(v)
+        if plain is not _OPAQUE:
+            out.append((k, plain))
+    return tuple(out)
+
+
+_OPAQUE = object()
+
+
+def _plain_value(v: Any, depth: int = 0) -> Any:
+    """A comparable copy of a scalar or of a (nested, small) container of scalars; ``_OPAQUE``
+    for anything else."""
+    if isinstance(v, _SCALARS):
+        return (type(v), v)
+    if depth > 3 or not isinstance(v, (tuple, list, dict)) or len(v) > 64:
+        return _OPAQUE
+    if isinstance(v, dict):
+        if not all(isinstance(k, _SCALARS) for k in v):
+            return _OPAQUE
+        items = [(k, _plain_value(e, depth + 1)) for k, e in v.items()]
+        return _OPAQUE if any(e is _OPAQUE for _, e in items) else (dict, tuple(items))
+    items = [_plain_value(e, depth + 1) for e in v]
+    return _OPAQUE if any(e is _OPAQUE for e in items) else (type(v), tuple(items))
 
 
 def clear_trace_cache(model: nn.Module | None = None) -> None:
