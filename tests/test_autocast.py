@@ -284,3 +284,30 @@ def test_rms_norm_under_bf16_matches_the_autograd_fallback():
 
     assert low.fallbacks == []
     assert rel(low.jvp(v)) < 2e-2 and rel(low.jvp(v)) < 2 * rel(fallback.jvp(v)) + 1e-3
+
+
+def test_ngd_takes_a_loss_on_the_upcast_logits():
+    """``loss_fn(logits.float(), y)`` under autocast is the loss of the model's outputs (an
+    exact upcast): NGD accepts it; a real cast down is still refused."""
+    model, (x,), y = make("mlp")
+    loss_fn = nn.CrossEntropyLoss()
+    opt = NGD(model, loss=loss_fn, lr=0.5, damping=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=BF16):
+            loss = loss_fn(model(x).float(), y)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(3)]
+    assert losses[-1] < losses[0], losses
+
+    def down():
+        opt.zero_grad()
+        loss = loss_fn(model(x).to(BF16).float(), y)  # a rounding in between: another loss
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="loss: its input is not the model's output"):
+        opt.step(down)

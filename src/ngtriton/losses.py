@@ -317,10 +317,18 @@ class LossCapture:
 
 def is_outputs_or_reshape(loss_input: Any, outputs: Tensor) -> bool:
     """Whether ``loss_input`` is ``outputs`` itself or a reshape of all of it (same memory, same
-    element order): the case where ``loss=`` on the model's outputs is the closure's loss."""
+    element order), or an fp32/fp64 copy of bf16/fp16 outputs (an exact upcast, as under
+    autocast): the cases where ``loss=`` on the model's outputs is the closure's loss."""
     if loss_input is outputs:
         return True
-    return (isinstance(loss_input, Tensor) and loss_input.numel() == outputs.numel()
-            and loss_input.dtype == outputs.dtype and loss_input.is_contiguous()
-            and outputs.is_contiguous() and loss_input.data_ptr() == outputs.data_ptr())
+    if not isinstance(loss_input, Tensor) or loss_input.numel() != outputs.numel():
+        return False
+    if (loss_input.dtype == outputs.dtype and loss_input.is_contiguous()
+            and outputs.is_contiguous() and loss_input.data_ptr() == outputs.data_ptr()):
+        return True
+    # an exact upcast of low-precision outputs (``logits.float()`` under autocast), reshaped or
+    # not: the same numbers, so the same loss of the model's outputs (checked by value)
+    return (outputs.dtype in (torch.bfloat16, torch.float16)
+            and loss_input.dtype in (torch.float32, torch.float64)
+            and torch.equal(loss_input.reshape(-1), outputs.reshape(-1).to(loss_input.dtype)))
 

@@ -53,7 +53,8 @@ class ClosureLoss:
         out = select_output(self.model_out, self.output)
         if not isinstance(out, Tensor) or not is_outputs_or_reshape(cap.input, out):
             raise ValueError("loss: its input is not the model's output (or a reshape of all of "
-                             "it): a slice, shift, cast or transpose in between is a different "
-                             "loss of the model; shift the targets instead (padding with "
-                             "ignore_index), or pass likelihood= for a loss NGD need not check")
+                             "it, or its upcast): a slice, shift, cast or transpose in between "
+                             "is a different loss of the model; shift the targets instead "
+                             "(padding with ignore_index), or pass likelihood= for a loss NGD "
+                             "need not check")
         return cap.targets
