@@ -487,3 +487,29 @@ def test_a_model_cast_after_its_capture_is_captured_again():
         warnings.filterwarnings("error", ".*falling back")
         lin = linearize(model, (ids,), backend="torch")
     assert lin.outputs.dtype == F64
+
+
+def test_the_record_serves_every_layer_of_a_hugging_face_gpt2():
+    """Conv1D (an addmm over rows) and gelu_new are recorded and found in the captured graph,
+    so a build from the closure's forward recomputes none of them (no dropout: eval mode)."""
+    from ngtriton.linearize import ForwardRecord
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=23, n_positions=12,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 23, (2, 7))
+    with ForwardRecord(model) as record:
+        model(ids).logits.sum().backward()
+    found = []
+    lookup = record.lookup
+
+    def counted(module, x):
+        out = lookup(module, x)
+        found.append(out is not None)
+        return out
+
+    record.lookup = counted
+    lin = linearize(model, (ids,), backend="torch", record=record)
+    assert len(found) == len(record) == 2 * 5 + 1 and all(found), found  # 4 Conv1D + GELU
+    torch.testing.assert_close(lin.outputs, linearize(model, (ids,), backend="torch").outputs)

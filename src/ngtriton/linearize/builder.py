@@ -127,6 +127,23 @@ class _Builder:
         mod = self._module(node) if node.op == "call_module" else self._recorded_module(node)
         return None if mod is None else self.record.lookup(mod, x)
 
+    def _recorded_rows(self, node: Node, x2: Tensor) -> Tensor | None:
+        """For a captured node that is the one product of a row layer (Hugging Face's
+        ``Conv1D``): the recorded output, flattened to rows like ``x2``."""
+        if self.record is None or node.op != "call_function":
+            return None
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path = next(reversed(stack.values()))[0]
+        if not path.startswith("m."):
+            return None
+        try:
+            mod = self.root.get_submodule(path[2:])
+        except AttributeError:
+            return None
+        return self.record.lookup_rows(mod, x2)
+
     def _recorded_module(self, node: Node) -> nn.Module | None:
         stack = node.meta.get("nn_module_stack")
         if not stack or node.op != "call_function":

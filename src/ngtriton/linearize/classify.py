@@ -86,7 +86,14 @@ def _module_activation(m: nn.Module) -> Activation | None:
         return Activation("gelu_tanh" if m.approximate == "tanh" else "gelu")
     if type(m) is nn.LeakyReLU:
         return Activation("leaky_relu", float(m.negative_slope))
+    if type(m).__module__ == "transformers.activations" and type(m).__name__ in _HF_TANH_GELU:
+        return Activation("gelu_tanh")  # Hugging Face's tanh-GELU modules (GPT-2's gelu_new)
     return None
+
+
+# Hugging Face's activation modules that compute the tanh-approximate GELU (see collapse.py)
+_HF_TANH_GELU = frozenset({"NewGELUActivation", "FastGELUActivation", "GELUTanh",
+                           "PytorchGELUTanh"})
 
 
 def _embedding_ok(m: nn.Module) -> bool:

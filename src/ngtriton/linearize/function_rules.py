@@ -280,7 +280,9 @@ def _transposed_linear(b: _Builder, node: Node, x_arg: Any, w_arg: Any,
         return False
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (w.shape[1],)):
         return False
-    value = x @ w if bias is None else torch.addmm(bias, x, w)
+    value = b._recorded_rows(node, x)  # the closure's forward of a Conv1D layer
+    if value is None:
+        value = x @ w if bias is None else torch.addmm(bias, x, w)
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True

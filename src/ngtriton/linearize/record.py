@@ -41,7 +41,14 @@ def _recordable(m: nn.Module) -> bool:
         return False
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
         return type(m) in _LAYERS and _plain(m)
+    if (type(m).__name__, type(m).__module__) in _ROW_LAYERS:
+        return _plain(m)
     return _same_forward(m, nn.Linear) or _module_activation(m) is not None
+
+
+# layers that are one matrix product over their input's rows, written as ``addmm`` (Hugging
+# Face's GPT-2 ``Conv1D``): found in a captured graph by ``lookup_rows``
+_ROW_LAYERS = {("Conv1D", "transformers.pytorch_utils")}
 
 
 # layers whose output the engine's rules take from a record (their exact types)
@@ -116,3 +123,15 @@ class ForwardRecord:
         if not same_memory and not torch.equal(rx, x):
             return None
         return e.out.detach()
+
+    def lookup_rows(self, module: nn.Module, x2: Tensor) -> Tensor | None:
+        """:meth:`lookup` for a layer applied to the rows of its input: ``x2`` is the input
+        with its leading dims flattened, and so is the output returned."""
+        e = self._entries.get(module)
+        if e is None or e.x.dim() < 1 or e.out.dim() < 1 or x2.dim() != 2:
+            return None
+        if e.x.numel() != x2.numel() or e.x.shape[-1] != x2.shape[-1]:
+            return None
+        out = self.lookup(module, x2.view(e.x.shape) if x2.is_contiguous() else
+                          x2.reshape(e.x.shape))
+        return None if out is None else out.reshape(-1, out.shape[-1])
