@@ -311,3 +311,16 @@ def test_ngd_takes_a_loss_on_the_upcast_logits():
 
     with pytest.raises(ValueError, match="loss: its input is not the model's output"):
         opt.step(down)
+
+
+def test_a_float64_model_stays_float64_under_autocast():
+    """Autocast leaves float64 ops alone: so does the linearization."""
+    from ngtriton.linearize import linearize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    low = linearize(model, (x,), backend="torch", autocast=torch.bfloat16)
+    full = linearize(model, (x,), backend="torch")
+    v = [torch.randn_like(p) for p in full.params]
+    assert torch.equal(low.jvp(v), full.jvp(v))

@@ -182,7 +182,7 @@ class FisherOperator:
         self.backend = resolve_backend(backend, self.device)
         if record is not None and not isinstance(record, ForwardRecord):
             raise TypeError(f"record: expected a ForwardRecord, got {type(record).__name__}")
-        self.autocast = resolve_autocast(autocast, self.device)
+        self.autocast = resolve_autocast(autocast, self.device, self.dtype)
         self.linearization: Linearization = linearize(model, inputs, self.backend, record,
                                                       output, self.autocast or False)
         out = self.linearization.outputs

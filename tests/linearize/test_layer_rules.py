@@ -220,3 +220,28 @@ def test_rms_norm_module_and_function(affine):
 
     torch.manual_seed(9)
     exact_without_fallback(Net().to(F64), torch.randn(3, 5, 4, dtype=F64))
+
+
+class _ConvAttention(nn.Module):
+    """q, k, v from a 1×1 convolution, as diffusion UNets build them: stride(-1) is the
+    sequence length, not 1 (torch's CPU flash kernel must not see them so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Conv1d(16, 48, 1)
+
+    def forward(self, x):
+        b, n = x.shape[0], x.shape[2]
+        q, k, v = self.qkv(x).view(b, 3, 2, 8, n).transpose(-1, -2).unbind(1)
+        return F.scaled_dot_product_attention(q, k, v).flatten(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_attention_on_operands_strided_in_their_last_dim(dtype):
+    torch.manual_seed(10)
+    model, x = _ConvAttention().to(dtype), torch.randn(4, 16, 10, dtype=dtype)
+    lin = linearize(model, (x,), backend="torch")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(lin.outputs, model(x), rtol=tol, atol=tol)
+    if dtype == F64:
+        exact_without_fallback(model, x)

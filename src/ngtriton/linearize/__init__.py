@@ -65,9 +65,10 @@ def linearize(model: nn.Module, inputs: Sequence[object], backend: str = "auto",
     them (BatchNorm's running statistics in train mode included).
     """
     output = check_selector(output)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
     resolved = resolve_backend(backend, device)
-    precision = resolve_autocast(autocast, device)
+    precision = resolve_autocast(autocast, device, first.dtype)
     with buffers_kept(model), autocast_context(precision, device.type):
         return _linearize(model, inputs, resolved, record, output, precision)
 

@@ -35,6 +35,8 @@ def attention_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
         return False
     if mask is None:
         return True
+    if mask.dim() < 2:  # torch's SDPA refuses these: the fallback then raises torch's error
+        return False
     try:
         torch.broadcast_shapes(mask.shape, (*q.shape[:3], k.shape[2]))
     except RuntimeError:
@@ -55,7 +57,10 @@ class AttentionStep(Step):
         self.need = tuple(s is not None for s in slots)
         self.graph_out: Tensor | None = None
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(s is not None) for t, s in zip((q, k, v), slots)]
+            # torch's CPU flash kernel reads its operands as contiguous in the last dim (the
+            # public SDPA routes other layouts elsewhere): give it such leaves
+            leaves = [(t.detach() if t.stride(-1) == 1 else t.detach().contiguous())
+                      .requires_grad_(s is not None) for t, s in zip((q, k, v), slots)]
             # the torch backend on the CPU: torch's flash kernel gives o, lse and the graph; a
             # backend with the VJP kernel (Triton) runs its own forward and backward
             found = (None if hasattr(ops, "attention_vjp")
@@ -106,6 +111,8 @@ def _cpu_flash(leaves: list[Tensor], mask: Tensor | None, causal: bool,
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return None
     if mask is not None:
+        if mask.dim() and mask.stride(-1) != 1:
+            mask = mask.contiguous()
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         elif mask.dtype != q.dtype:

@@ -45,7 +45,8 @@ class AutogradLinearization:
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         self._forward_ad: Callable[[Sequence[Tensor]], Tensor] | None = None
         device = (self.params[0] if self.params else torch.empty(0)).device
-        self.autocast = precision = resolve_autocast(autocast, device)
+        self.autocast = precision = resolve_autocast(
+            autocast, device, self.params[0].dtype if self.params else None)
         self._device_type = device.type
         with torch.enable_grad(), math_attention(), autocast_context(precision, device.type):
             with WithoutDropout():

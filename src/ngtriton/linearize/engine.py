@@ -276,8 +276,9 @@ def build_engine(model: nn.Module, inputs: Sequence[Any] | Tensor,
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    precision = resolve_autocast(autocast, device)
+    first = next(iter(model.parameters()), torch.empty(0))
+    device = first.device
+    precision = resolve_autocast(autocast, device, first.dtype)
     with autocast_context(precision, device.type):
         return _build_engine(model, inputs, ops, cache_trace, record, output, precision)
 

@@ -58,11 +58,16 @@ def ambient_autocast(device_type: str) -> torch.dtype | None:
     return None
 
 
-def resolve_autocast(autocast: Any, device: torch.device) -> torch.dtype | None:
-    """The precision a build on ``device`` runs in: a low-precision dtype, or None (full)."""
+def resolve_autocast(autocast: Any, device: torch.device,
+                     dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The precision a build on ``device`` runs in: a low-precision dtype, or None (full). A
+    float64 model (``dtype``, its parameters') stays full precision, as autocast leaves
+    float64 ops alone."""
     autocast = check_autocast(autocast)
     if autocast is None:
-        return ambient_autocast(device.type)
+        autocast = ambient_autocast(device.type)
+    if dtype == torch.float64:
+        return None
     return autocast or None
 
 
