@@ -245,3 +245,24 @@ def test_attention_on_operands_strided_in_their_last_dim(dtype):
     torch.testing.assert_close(lin.outputs, model(x), rtol=tol, atol=tol)
     if dtype == F64:
         exact_without_fallback(model, x)
+
+
+def test_every_new_graph_is_checked_against_the_eager_forward(monkeypatch):
+    """A rule that went wrong in its forward is caught at the graph's first build: the model
+    falls back to whole-model autograd, with a warning, instead of a silent wrong answer."""
+    from ngtriton.linearize import attention as attention_rule
+    from ngtriton.linearize.trace import clear_trace_cache
+
+    real = attention_rule._cpu_flash
+
+    def broken(*args, **kwargs):
+        found = real(*args, **kwargs)
+        return None if found is None else (found[0] * 2, found[1])  # a wrong output
+
+    monkeypatch.setattr(attention_rule, "_cpu_flash", broken)
+    torch.manual_seed(11)
+    model, x = _Attention().to(F64), torch.randn(2, 5, 8, dtype=F64)
+    clear_trace_cache(model)
+    with pytest.warns(UserWarning, match="another function than the model"):
+        lin = linearize(model, (x,), backend="torch")
+    torch.testing.assert_close(lin.outputs, model(x))

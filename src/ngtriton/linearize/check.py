@@ -19,13 +19,14 @@ from .state import buffers_kept as _buffers_kept
 
 
 def _eager_forward(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """``model(*inputs)`` as the engine sees it (no grad, dropout off, math attention), with
-    the random generators and the buffers left as they were (:func:`_buffers_kept`). Any
-    error: EngineUnsupported. It runs before the build, so that putting the buffers back cannot
-    touch what the build's nodes saved."""
+    """``model(*inputs)`` as the engine sees it (dropout off, math attention; in the caller's
+    grad mode, since a forward may differentiate, a force field's), with the random generators
+    and the buffers left as they were (:func:`_buffers_kept`). Any error: EngineUnsupported.
+    It runs before the build, so that putting the buffers back cannot touch what the build's
+    nodes saved."""
     devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
     try:
-        with _buffers_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad(), \
+        with _buffers_kept(model), torch.random.fork_rng(devices=devices), \
                 WithoutDropout(), math_attention():
             return model(*inputs)
     except Exception as err:

@@ -136,12 +136,14 @@ def _trace(model: nn.Module, concrete: dict[str, Any], cache: bool = True,
         raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} "
                                 f"({type(err).__name__}: {first})") from err
     _reject_visible_mutation(graph, model)
+    reused = False
     if key is not None:
         if cached is not None and str(graph) == str(cached[1]):
             graph = cached[1]  # a flag or an attribute changed, the trace did not
             graph.__dict__.pop("_ngtriton_plan", None)  # the plan reads flags: make it anew
+            reused = True
         _TRACE_CACHE[model] = (key, graph)
-    if check:  # a check made with other inputs says nothing of these
+    if check or not reused:  # a new trace, or one checked with other inputs: check it
         graph._ngtriton_checked = False  # type: ignore[attr-defined]
         graph.__dict__.pop("_ngtriton_wrong", None)
     return graph
