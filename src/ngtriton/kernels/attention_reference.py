@@ -27,6 +27,7 @@ in float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -116,6 +117,24 @@ def shapes_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor | 
     return True
 
 
+def _probabilities(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float, causal: bool,
+                   mask: Tensor | None) -> Iterator[tuple[slice, int, Tensor, Tensor, Tensor]]:
+    """Per chunk of queries: ``(rows, keys, k, v, p)`` with ``p = exp(s − lse)`` (B, H, rows,
+    keys) from the forward's ``lse``, in the compute dtype; under ``causal`` only the first
+    ``keys`` keys, the others being masked for every row of the chunk."""
+    T, S = q.shape[2], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    step = _chunk_rows(q, S)
+    for r0 in range(0, T, step):
+        rows = slice(r0, min(T, r0 + step))
+        keys = min(S, rows.stop) if causal else S
+        kc, vc = k[:, :, :keys].to(ct), v[:, :, :keys].to(ct)
+        m = None if mask is None else (mask[..., :keys] if mask.shape[-1] == S and S > 1
+                                       else mask)
+        s = _scores(q, kc, rows, T, scale, causal, m)
+        yield rows, keys, kc, vc, s.sub_(_safe(lse[:, :, rows].to(ct))[..., None]).exp_()
+
+
 def attention_forward_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                                 causal: bool = False, mask: Tensor | None = None
                                 ) -> tuple[Tensor, Tensor]:
@@ -158,16 +177,7 @@ def attention_jvp_reference(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
     out = torch.zeros((B, H, T, v.shape[-1]), dtype=q.dtype, device=q.device)
     if T == 0 or S == 0 or (dq is None and dk is None and dv is None):
         return out
-    step = _chunk_rows(q, S)
-    for r0 in range(0, T, step):
-        rows = slice(r0, min(T, r0 + step))
-        # under ``causal`` the keys after the chunk's last query are masked for all its rows
-        keys = min(S, rows.stop) if causal else S
-        kc, vc = k[:, :, :keys].to(ct), v[:, :, :keys].to(ct)
-        m = None if mask is None else (mask[..., :keys] if mask.shape[-1] == S and S > 1
-                                       else mask)
-        s = _scores(q, kc, rows, T, scale, causal, m)
-        p = s.sub_(_safe(lse[:, :, rows].to(ct))[..., None]).exp_()  # in place: s is ours
+    for rows, keys, kc, vc, p in _probabilities(q, k, v, lse, scale, causal, mask):
         acc = None
         if dq is not None or dk is not None:
             # ds = dq kᵀ + q dkᵀ as one product over the stacked features
@@ -210,16 +220,7 @@ def attention_vjp_reference(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
     dk = torch.zeros((B, H, S, D), dtype=ct, device=q.device) if need_k else None
     dv = torch.zeros((B, H, S, D), dtype=ct, device=q.device) if need_v else None
     if T > 0 and S > 0 and (need_q or need_k or need_v):
-        step = _chunk_rows(q, S)
-        for r0 in range(0, T, step):
-            rows = slice(r0, min(T, r0 + step))
-            # under ``causal`` the keys after the chunk's last query are masked for all its rows
-            keys = min(S, rows.stop) if causal else S
-            kc, vc = k[:, :, :keys].to(ct), v[:, :, :keys].to(ct)
-            m = None if mask is None else (mask[..., :keys] if mask.shape[-1] == S and S > 1
-                                           else mask)
-            s = _scores(q, kc, rows, T, scale, causal, m)
-            p = s.sub_(_safe(lse[:, :, rows].to(ct))[..., None]).exp_()  # in place: s is ours
+        for rows, keys, kc, vc, p in _probabilities(q, k, v, lse, scale, causal, mask):
             gc = g[:, :, rows].to(ct)
             if need_v:
                 dv[:, :, :keys].add_(torch.matmul(p.transpose(-1, -2), gc))

@@ -130,30 +130,26 @@ class _Builder:
     def _recorded_rows(self, node: Node, x2: Tensor) -> Tensor | None:
         """For a captured node that is the one product of a row layer (Hugging Face's
         ``Conv1D``): the recorded output, flattened to rows like ``x2``."""
-        if self.record is None or node.op != "call_function":
-            return None
+        mod = self._stack_module(node) if self.record is not None else None
+        return None if mod is None else self.record.lookup_rows(mod, x2)
+
+    def _stack_module(self, node: Node) -> nn.Module | None:
+        """The innermost module whose call made a captured call_function ``node`` (its
+        ``nn_module_stack``; the capture's wrapper holds the model as ``m``)."""
         stack = node.meta.get("nn_module_stack")
-        if not stack:
+        if not stack or node.op != "call_function":
             return None
         path = next(reversed(stack.values()))[0]
         if not path.startswith("m."):
             return None
         try:
-            mod = self.root.get_submodule(path[2:])
+            return self.root.get_submodule(path[2:])
         except AttributeError:
             return None
-        return self.record.lookup_rows(mod, x2)
 
     def _recorded_module(self, node: Node) -> nn.Module | None:
-        stack = node.meta.get("nn_module_stack")
-        if not stack or node.op != "call_function":
-            return None
-        path = next(reversed(stack.values()))[0]
-        if not path.startswith("m."):  # the capture's wrapper holds the model as ``m``
-            return None
-        try:
-            mod = self.root.get_submodule(path[2:])
-        except AttributeError:
+        mod = self._stack_module(node)
+        if mod is None:
             return None
         if as_torch(node.target) is F.linear:
             return mod if _same_forward(mod, nn.Linear) else None

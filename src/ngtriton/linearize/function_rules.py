@@ -60,22 +60,29 @@ class TransposedLinearStep(LinearStep):
 
 def _conv(b: _Builder, node: Node, x_arg: Any, w_arg: Any, bias_arg: Any, stride: Any,
           padding: Any, dilation: Any, groups: Any) -> bool:
-    x, x_slot = b._src(x_arg)
-    w, w_slot = b._src(w_arg)
-    bias, b_slot = b._src(bias_arg)
+    (x, x_slot), (w, w_slot), (bias, b_slot) = (b._src(a) for a in (x_arg, w_arg, bias_arg))
     if not isinstance(x, Tensor) or not isinstance(w, Tensor) or w.dim() < 3:
         return False
-    geometry = conv_geometry(w, b._val(stride), b._val(padding), b._val(dilation))
-    if geometry is None or x.dim() != w.dim():  # unbatched input, odd "same" padding
+    return _conv_step(b, node, x, w, bias, (x_slot, w_slot, b_slot), b._val(stride),
+                      b._val(padding), b._val(dilation), int(b._val(groups)))
+
+
+def _conv_step(b: _Builder, node: Node, x: Tensor, w: Tensor, bias: Tensor | None,
+               slots: tuple[int | None, int | None, int | None], stride: Any, padding: Any,
+               dilation: Any, groups: int, value: Tensor | None = None) -> bool:
+    """The convolution's value (``value``: a recorded one) and step, from resolved operands;
+    False for a geometry the rule does not cover (unbatched input, odd "same" padding)."""
+    geometry = conv_geometry(w, stride, padding, dilation)
+    if geometry is None or not isinstance(x, Tensor) or x.dim() != w.dim():
         return False
     stride_, padding_, dilation_ = geometry
-    value = conv_forward(x, w, bias, stride_, padding_, dilation_, int(b._val(groups)))
-    if x_slot is None and w_slot is None and b_slot is None:
+    if value is None:
+        value = conv_forward(x, w, bias, stride_, padding_, dilation_, groups)
+    if all(sl is None for sl in slots):
         b.values[node] = value
         return True
-    step = ConvStep(x, w, x_slot, w_slot, b_slot, stride_, padding_, dilation_,
-                    int(b._val(groups)), value.shape)
-    b._add(node, step, value)
+    b._add(node, ConvStep(x, w, *slots, stride_, padding_, dilation_, groups, value.shape),
+           value)
     return True
 
 
@@ -107,21 +114,10 @@ def _conv_module(b: _Builder, node: Node, mod: nn.Module) -> bool:
 
 def _module_conv(b: _Builder, node: Node, mod: nn.Module, x_arg: Any) -> bool:
     x, x_slot = b._src(x_arg)
-    w, w_slot = b._param(mod.weight)
-    bias, b_slot = b._param(mod.bias)
-    geometry = conv_geometry(w, mod.stride, mod.padding, mod.dilation)
-    if geometry is None or not isinstance(x, Tensor) or x.dim() != w.dim():
-        return False
-    stride_, padding_, dilation_ = geometry
-    value = b._recorded(node, x)
-    if value is None:
-        value = conv_forward(x, w, bias, stride_, padding_, dilation_, mod.groups)
-    if x_slot is None and w_slot is None and b_slot is None:
-        b.values[node] = value
-        return True
-    b._add(node, ConvStep(x, w, x_slot, w_slot, b_slot, stride_, padding_, dilation_,
-                          mod.groups, value.shape), value)
-    return True
+    (w, w_slot), (bias, b_slot) = b._param(mod.weight), b._param(mod.bias)
+    value = b._recorded(node, x) if isinstance(x, Tensor) else None
+    return _conv_step(b, node, x, w, bias, (x_slot, w_slot, b_slot), mod.stride, mod.padding,
+                      mod.dilation, mod.groups, value)
 
 
 # -- batch norm --------------------------------------------------------------------------------
@@ -145,15 +141,22 @@ def _batch_norm(b: _Builder, node: Node, x_arg: Any, w_arg: Any, bias_arg: Any, 
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True
+    b._add(node, _batch_norm_step(x, w, rm, rv, eps, batch_stats, (x_slot, w_slot, b_slot)),
+           value)
+    return True
+
+
+def _batch_norm_step(x: Tensor, w: Tensor | None, rm: Tensor | None, rv: Tensor | None,
+                     eps: float, batch_stats: bool,
+                     slots: tuple[int | None, int | None, int | None]) -> BatchNormStep:
+    """The step, with the statistics it normalises by: the batch's (in fp32 at least) or the
+    running ones."""
     if batch_stats:
-        dims = [0, *range(2, x.dim())]
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        var, mean = torch.var_mean(xf, dims, correction=0)
+        var, mean = torch.var_mean(xf, [0, *range(2, x.dim())], correction=0)
     else:
         mean, var = rm, rv
-    step = BatchNormStep(x, w, mean, var, eps, batch_stats, x_slot, w_slot, b_slot)
-    b._add(node, step, value)
-    return True
+    return BatchNormStep(x, w, mean, var, eps, batch_stats, *slots)
 
 
 def _batch_norm_function(b: _Builder, node: Node) -> bool:
@@ -194,13 +197,8 @@ def _batch_norm_module(b: _Builder, node: Node, mod: nn.Module) -> bool:
     if x_slot is None and w_slot is None and b_slot is None:
         b.values[node] = value
         return True
-    if batch_stats:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        var, mean = torch.var_mean(xf, [0, *range(2, x.dim())], correction=0)
-    else:
-        mean, var = mod.running_mean, mod.running_var
-    b._add(node, BatchNormStep(x, w, mean, var, mod.eps, batch_stats, x_slot, w_slot, b_slot),
-           value)
+    b._add(node, _batch_norm_step(x, w, mod.running_mean, mod.running_var, mod.eps,
+                                  batch_stats, (x_slot, w_slot, b_slot)), value)
     return True
 
 
@@ -233,17 +231,8 @@ def _attention(b: _Builder, node: Node) -> bool:
 # -- RMSNorm --------------------------------------------------------------------------------
 
 def _rms_norm(b: _Builder, node: Node, x_arg: Any, shape: Any, w_arg: Any, eps: Any) -> bool:
-    x, x_slot = b._src(x_arg)
-    w, w_slot = b._src(w_arg)
-    shape = tuple(b._val(shape))
-    if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape:
-        return False
-    if x_slot is None and w_slot is None:
-        return False
-    xhat, r = rms_norm_parts(x, len(shape), b._val(eps))
-    value = xhat if w is None else xhat * w
-    b._add(node, RMSNormStep(xhat, r, w, len(shape), x_slot, w_slot), value)
-    return True
+    (x, x_slot), (w, w_slot) = b._src(x_arg), b._src(w_arg)
+    return _rms_norm_step(b, node, x, x_slot, w, w_slot, tuple(b._val(shape)), b._val(eps))
 
 
 def _rms_norm_function(b: _Builder, node: Node) -> bool:
@@ -255,15 +244,18 @@ def _rms_norm_function(b: _Builder, node: Node) -> bool:
 def _rms_norm_module(b: _Builder, node: Node, mod: nn.Module) -> bool:
     if not _plain(mod) or len(node.args) + len(node.kwargs) != 1:
         return False
-    x_arg = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    x, x_slot = b._src(x_arg)
+    x, x_slot = b._src(node.args[0] if node.args else next(iter(node.kwargs.values())))
     w, w_slot = b._param(mod.weight)
-    shape = tuple(mod.normalized_shape)
+    return _rms_norm_step(b, node, x, x_slot, w, w_slot, tuple(mod.normalized_shape), mod.eps)
+
+
+def _rms_norm_step(b: _Builder, node: Node, x: Any, x_slot: int | None, w: Tensor | None,
+                   w_slot: int | None, shape: tuple[int, ...], eps: float | None) -> bool:
     if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         return False
     if x_slot is None and w_slot is None:
         return False
-    xhat, r = rms_norm_parts(x, len(shape), mod.eps)
+    xhat, r = rms_norm_parts(x, len(shape), eps)
     value = xhat if w is None else xhat * w
     b._add(node, RMSNormStep(xhat, r, w, len(shape), x_slot, w_slot), value)
     return True
